@@ -1,0 +1,5 @@
+"""Layers to attach to your own pipelines."""
+
+from .attention import RPEAttention
+
+__all__ = ["RPEAttention"]

@@ -1,0 +1,299 @@
+r"""``RPEAttention``: multi-head O(n) attention with a relative positional encoding.
+
+Axes: b batch, n tokens, c channels, h heads, d head dim, p position dim.
+
+FourierLearner-Transformer attention (Choromanski et al., AISTATS 2024,
+https://arxiv.org/abs/2302.01925) and the Performer (https://arxiv.org/abs/2009.14794).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..features import FeatureMap, PositiveRandomFeatures, build_feature_map
+from ..ops.checks import (
+    check_batch,
+    check_floating,
+    check_key_padding_mask,
+    check_same_device_dtype,
+)
+from ..ops.exact import feature_attention, masked_kernel_attention, softmax_attention
+from ..ops.linear import NORMALIZATIONS, linear_attention
+from ..ops.modes import LogitMode, MaskMode
+from ..ops.packing import to_padded
+from ..rpe import FourierRPE, build
+
+MODES = ("logit", "mask")
+
+
+class RPEAttention(nn.Module):
+    r"""Multi-head linear attention with a relative positional encoding ``f(r_i - r_j)``.
+
+    Two ways to combine the RPE with the attention kernel (``shared/MATH.md``):
+
+    * ``mode="logit"`` (default): ``out_i = sum_j exp(q_i.k_j/sqrt(d) + f(r_i - r_j)) v_j / Z_i``,
+      the biased softmax of Graphormer-style models, estimated by positive random features
+      of ``[q/d^1/4, psi_q(r)]`` and ``[k/d^1/4, psi_k(r)]``. Needs ``kernel="favor+"``.
+      Initialise the RPE amplitude at 0 for a neutral (f = 0) start.
+    * ``mode="mask"``: ``out_i = sum_j K(q_i, k_j) f(r_i - r_j) v_j / Z_i`` with any kernel
+      feature map, estimated with the row-wise Kronecker product of kernel and RPE
+      features (never materialised). ``Z_i`` follows ``normalize``.
+
+    Both cost O(n) time and memory (:func:`geolinrpe.ops.linear_attention`).
+
+    Args:
+        embed_dim: channels ``c`` of ``x``.
+        num_heads: heads ``h``; ``embed_dim`` must be divisible by it.
+        rpe: ``None`` (plain linear attention), a registry name of :mod:`geolinrpe.rpe`, or
+            a :class:`~geolinrpe.rpe.FourierRPE` instance.
+        pos_dim: position dimension ``p`` (needed with an RPE name; 1 sequences, 2 image
+            grids, 3 atoms and points).
+        mode: ``"logit"`` or ``"mask"``.
+        kernel: ``"favor+"`` (softmax kernel), ``"relu"``, ``"elu"``, ``"identity"``, or a
+            :class:`~geolinrpe.features.FeatureMap` on ``d`` inputs (``d + 2m`` in logit mode).
+        num_features: random features for ``"favor+"`` (default 64).
+        causal: token i attends to ``j <= i`` (sequence order within each graph).
+        normalize: ``"masked"``, ``"kernel"`` or ``"none"``; default ``"masked"`` in logit
+            mode (the softmax) and ``"kernel"`` in mask mode (safe with signed RPE estimates;
+            see :mod:`geolinrpe.ops.linear`).
+        center_positions: subtract each sequence's (graph's) mean position before the RPE.
+            ``f`` depends on differences only, so nothing changes in exact arithmetic; it
+            keeps phases small for large coordinates and makes logit mode exactly
+            translation invariant. Default: ``True`` unless ``causal`` (a causal layer must
+            not see future positions).
+        chunk_size: tokens per chunk in the engine (default: automatic).
+        bias: bias in the q/k/v and output projections.
+        rpe_options: keyword options for :func:`geolinrpe.rpe.build` when ``rpe`` is a name.
+
+    Shapes:
+        dense: ``x [b, n, c]``, ``pos [b, n, p]``, ``key_padding_mask [b, n]`` (True = padding)
+        -> ``[b, n, c]`` (padded rows are 0 before the output projection);
+        packed: ``x [n, c]``, ``pos [n, p]``, ``batch [n]`` (sorted graph ids; ``None`` = one
+        graph) -> ``[n, c]``.
+
+    Invariances: permutation equivariant over the tokens of each graph (bidirectional);
+    translation invariant in ``pos`` (exact in mask mode for every draw; exact in logit mode
+    with ``center_positions``, otherwise in expectation over the random features).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        rpe: str | FourierRPE | None = None,
+        pos_dim: int | None = None,
+        mode: str = "logit",
+        kernel: str | FeatureMap = "favor+",
+        num_features: int = 64,
+        causal: bool = False,
+        normalize: str | None = None,
+        center_positions: bool | None = None,
+        chunk_size: int | None = None,
+        bias: bool = True,
+        rpe_options: dict | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if normalize is None:
+            normalize = "masked" if mode == "logit" else "kernel"
+        if normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+        if isinstance(rpe, str):
+            if pos_dim is None:
+                raise ValueError(f"pos_dim is required to build rpe={rpe!r}")
+            rpe = build(rpe, pos_dim=pos_dim, num_heads=num_heads, **(rpe_options or {}))
+        elif rpe is not None and not isinstance(rpe, FourierRPE):
+            raise ValueError(f"rpe must be None, a name or a FourierRPE, got {type(rpe).__name__}")
+        if rpe is not None:
+            if pos_dim is not None and pos_dim != rpe.pos_dim:
+                raise ValueError(f"pos_dim={pos_dim} but the rpe has pos_dim={rpe.pos_dim}")
+            if rpe.num_heads != num_heads:
+                raise ValueError(f"rpe has {rpe.num_heads} heads but num_heads={num_heads}")
+        if mode == "logit" and rpe is not None and normalize != "masked":
+            raise ValueError("logit mode is a softmax: normalize must be 'masked'")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.mode = mode
+        self.causal = causal
+        self.normalize = normalize
+        self.center_positions = (not causal) if center_positions is None else center_positions
+        if self.center_positions and causal:
+            raise ValueError("center_positions with causal=True would let tokens see the future")
+        self.chunk_size = chunk_size
+        self.rpe = rpe
+        self.pos_dim = None if rpe is None else rpe.pos_dim
+        logit = mode == "logit" and rpe is not None
+        input_dim = self.head_dim + (rpe.num_features if logit else 0)
+        if isinstance(kernel, str):
+            kernel = build_feature_map(kernel, input_dim, num_features)
+        if kernel.input_dim != input_dim:
+            raise ValueError(f"kernel has input_dim={kernel.input_dim}, expected {input_dim}")
+        if logit and not isinstance(kernel, PositiveRandomFeatures):
+            raise ValueError("mode='logit' needs kernel='favor+' (it estimates a softmax)")
+        self.feature_map = kernel
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
+        self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.qkv.reset_parameters()
+        self.out.reset_parameters()
+        if hasattr(self.rpe, "reset_parameters"):
+            self.rpe.reset_parameters()
+
+    def redraw(self, generator: torch.Generator | None = None) -> None:
+        """Draw new random kernel features and RPE frequencies."""
+        self.feature_map.redraw(generator)
+        if self.rpe is not None:
+            self.rpe.redraw(generator)
+
+    @property
+    def featurizer(self) -> MaskMode | LogitMode:
+        """The mode object the engine calls (see :mod:`geolinrpe.ops.modes`)."""
+        scale = self.head_dim**-0.25 if isinstance(self.feature_map, PositiveRandomFeatures) else 1.0
+        if self.mode == "logit" and self.rpe is not None:
+            return LogitMode(self.feature_map, self.rpe, scale)
+        return MaskMode(self.feature_map, self.rpe, scale)
+
+    # ------------------------------------------------------------------ inputs
+    def _prepare(self, x, pos, batch, key_padding_mask):
+        """Validate; return ``(q, k, v, pos)`` per head and the layout arguments."""
+        check_floating("x", x)
+        if x.dim() not in (2, 3):
+            raise ValueError(f"x must be [b, n, c] (dense) or [n, c] (packed), got {list(x.shape)}")
+        if x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x has {x.shape[-1]} channels, expected embed_dim={self.embed_dim}")
+        if x.shape[-2] == 0:
+            raise ValueError("x has no tokens")
+        packed = x.dim() == 2
+        if packed:
+            if key_padding_mask is not None:
+                raise ValueError("key_padding_mask is for dense x [b, n, c]; packed x uses batch")
+            if batch is None:
+                batch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            check_batch(batch, x.shape[0], x.device)
+        else:
+            if batch is not None:
+                raise ValueError("batch is for packed x [n, c]; dense x uses key_padding_mask")
+            if key_padding_mask is not None:
+                check_key_padding_mask(key_padding_mask, x.shape[0], x.shape[1], x.device)
+        if self.rpe is None:
+            pos = None
+        else:
+            if pos is None:
+                raise ValueError("pos is required: this layer has an RPE")
+            check_floating("pos", pos)
+            want = list(x.shape[:-1]) + [self.pos_dim]
+            if list(pos.shape) != want:
+                raise ValueError(f"pos must have shape {want}, got {list(pos.shape)}")
+            check_same_device_dtype(x=x, pos=pos)
+            if self.center_positions:
+                pos = _center(pos, batch, key_padding_mask)
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
+        return q, k, v, pos, batch
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor | None = None,
+        batch: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend; see the class docstring for shapes."""
+        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask)
+        out = linear_attention(
+            q, k, v, pos, featurizer=self.featurizer, key_padding_mask=key_padding_mask,
+            batch=batch, causal=self.causal, normalize=self.normalize,
+            chunk_size=self.chunk_size, check_finite=False,
+        )
+        return self.out(out.flatten(-2))
+
+    def reference(
+        self,
+        x: Tensor,
+        pos: Tensor | None = None,
+        batch: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        kernel: str = "features",
+        rpe: str = "features",
+    ) -> Tensor:
+        """O(n^2) counterpart of :meth:`forward` with the same parameters (for tests and baselines).
+
+        Args:
+            kernel: ``"features"`` (the current random features, as the engine uses them)
+                or ``"exact"`` (the kernel they estimate; in logit mode, the exact softmax).
+            rpe: ``"features"`` (the current frequency draw's estimate ``f_hat``) or
+                ``"exact"`` (the closed form ``f``).
+
+        ``kernel="features", rpe="features"`` is the explicit-feature quadratic form and
+        equals :meth:`forward` to rounding error; ``kernel="exact", rpe="exact"`` is the
+        exact target (biased softmax in logit mode, masked kernel attention in mask mode).
+        """
+        for name, value in (("kernel", kernel), ("rpe", rpe)):
+            if value not in ("features", "exact"):
+                raise ValueError(f"{name} must be 'features' or 'exact', got {value!r}")
+        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask)
+        packed = batch is not None
+        layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=self.causal)
+        featurizer = self.featurizer
+        bias = None
+        if self.rpe is not None:
+            dense_pos = pos[None] if packed else pos
+            bias = self.rpe.pairwise(dense_pos, exact=rpe == "exact")
+            bias = bias[0] if packed else bias
+        if kernel == "features" and (self.rpe is None or rpe == "features"):
+            out = feature_attention(
+                q, k, v, pos, featurizer=featurizer, normalize=self.normalize, **layout
+            )
+        elif isinstance(featurizer, LogitMode):
+            if kernel != "exact":
+                raise ValueError("logit mode has no kernel='features' reference with rpe='exact'")
+            out = softmax_attention(q, k, v, bias, **layout)
+        else:
+            if kernel == "exact":
+                dense_q, dense_k = (q[None], k[None]) if packed else (q, k)
+                kmat = featurizer.kernel(dense_q, dense_k)
+            else:
+                dq, dk = (q[None], k[None]) if packed else (q, k)
+                fq, fk = featurizer.query(dq, None), featurizer.key(dk, None)
+                kmat = _kernel_from_features(fq, fk)
+            kmat = kmat[0] if packed else kmat
+            out = masked_kernel_attention(kmat, v, bias, normalize=self.normalize, **layout)
+        return self.out(out.flatten(-2))
+
+    def extra_repr(self) -> str:
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, mode={self.mode!r}, "
+            f"normalize={self.normalize!r}, causal={self.causal}"
+        )
+
+
+def _kernel_from_features(fq, fk) -> Tensor:
+    """``[b, h, i, j]`` kernel from stabilised features, up to a per-row constant."""
+    kmat = torch.einsum("bihr,bjhr->bhij", fq.phi, fk.phi)
+    if fk.log_scale is not None:
+        ls = fk.log_scale.transpose(1, 2)[:, :, None, :]
+        kmat = kmat * torch.exp(ls - ls.amax(-1, keepdim=True))
+    return kmat
+
+
+def _center(pos: Tensor, batch: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
+    """Subtract each graph's (dense: each row's valid tokens') mean position."""
+    if batch is not None:
+        dense, mask = to_padded(pos, batch)
+        counts = (~mask).sum(1, keepdim=True).clamp_min(1)
+        mean = dense.sum(1) / counts
+        return pos - mean[batch]
+    if key_padding_mask is None:
+        return pos - pos.mean(1, keepdim=True)
+    valid = (~key_padding_mask).unsqueeze(-1).to(pos.dtype)
+    mean = (pos * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1)
+    return pos - mean

@@ -1,0 +1,138 @@
+r"""The two ways of combining kernel features with RPE features (``shared/MATH.md``).
+
+Axes: b batch, n tokens, h heads, d head dim, p position dim, r kernel features,
+m RPE features (``2 x`` frequencies).
+
+* :class:`MaskMode` (row-wise Kronecker): the attention weight of query i and key j is
+  ``K(q_i, k_j) f(r_i - r_j)``, estimated by ``(phi(q_i) . phi(k_j)) (psi_q(r_i) . psi_k(r_j))``:
+  features ``phi (x) psi`` of rank ``r * m``, which the engine never materialises. Works
+  with any feature map. Translation invariant for every draw (``psi_q . psi_k`` depends
+  on ``r_i - r_j`` only).
+* :class:`LogitMode` (concatenation): ``q~ = [q / d^1/4, psi_q(r)]``, ``k~ = [k / d^1/4, psi_k(r)]``
+  and positive random features of ``q~, k~`` estimate
+  ``exp(q~ . k~) = exp(q . k / sqrt(d) + f_hat(r_i - r_j))``: softmax attention with the
+  learned bias. All weights stay positive; the cost is a Performer with ``d + m`` inputs.
+  The RPE's importance weights are split ``sqrt`` per side (``split="symmetric"``).
+  Translation invariant only in expectation over the random projection, because the
+  projection does not commute with the phase shift of ``psi``.
+
+A mode is a *featurizer*: ``query(q, pos)`` and ``key(k, pos)`` return
+:class:`TokenFeatures` for any slice of tokens, so the engine can compute features chunk
+by chunk and keep memory O(n (d + m)).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from ..features.base import FeatureMap
+from ..features.positive_random import PositiveRandomFeatures
+from ..rpe.base import FourierRPE
+
+
+class TokenFeatures(NamedTuple):
+    """Features of a slice of tokens.
+
+    Attributes:
+        phi: kernel features ``[b, n, h, r]``; true features are ``phi * exp(log_scale)``.
+        log_scale: ``[b, n, h]`` or ``None`` (deterministic maps).
+        psi: RPE features ``[b, n, h, m]`` (mask mode) or ``None``.
+    """
+
+    phi: Tensor
+    log_scale: Tensor | None
+    psi: Tensor | None
+
+
+class Featurizer(Protocol):
+    """What the engine needs: per-slice query and key features."""
+
+    has_mask: bool
+    num_features: int  # r
+    num_rpe_features: int  # m (0 without a mask)
+
+    def query(self, q: Tensor, pos: Tensor | None) -> TokenFeatures: ...
+
+    def key(self, k: Tensor, pos: Tensor | None) -> TokenFeatures: ...
+
+
+class MaskMode:
+    """Kernel features ``phi(q * input_scale)`` times the RPE mask ``psi_q . psi_k``.
+
+    Args:
+        feature_map: any :class:`~geolinrpe.features.FeatureMap` on the head dim.
+        rpe: a :class:`~geolinrpe.rpe.FourierRPE`, or ``None`` for plain linear attention.
+        input_scale: factor on q and k before the feature map (``d**-0.25`` for FAVOR+,
+            so that the kernel is ``exp(q . k / sqrt(d))``).
+    """
+
+    def __init__(
+        self, feature_map: FeatureMap, rpe: FourierRPE | None = None, input_scale: float = 1.0
+    ) -> None:
+        self.feature_map = feature_map
+        self.rpe = rpe
+        self.input_scale = input_scale
+        self.has_mask = rpe is not None
+        self.num_features = feature_map.num_features
+        self.num_rpe_features = 0 if rpe is None else rpe.num_features
+
+    def _features(self, x: Tensor, pos: Tensor | None, query: bool) -> TokenFeatures:
+        phi, log_scale = self.feature_map(x * self.input_scale)
+        if self.rpe is None:
+            return TokenFeatures(phi, log_scale, None)
+        psi = self.rpe.query_features(pos) if query else self.rpe.key_features(pos)
+        return TokenFeatures(phi, log_scale, psi.to(phi.dtype))
+
+    def query(self, q: Tensor, pos: Tensor | None) -> TokenFeatures:
+        return self._features(q, pos, query=True)
+
+    def key(self, k: Tensor, pos: Tensor | None) -> TokenFeatures:
+        return self._features(k, pos, query=False)
+
+    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
+        """Exact kernel ``[b, h, i, j]`` of ``q [b, i, h, d]``, ``k [b, j, h, d]``."""
+        s = self.input_scale
+        return self.feature_map.kernel((q * s).transpose(1, 2), (k * s).transpose(1, 2))
+
+
+class LogitMode:
+    """Positive random features of ``[q / d^1/4, psi_q(r)]`` and ``[k / d^1/4, psi_k(r)]``.
+
+    Args:
+        feature_map: :class:`~geolinrpe.features.PositiveRandomFeatures` with
+            ``input_dim = d + rpe.num_features``.
+        rpe: the :class:`~geolinrpe.rpe.FourierRPE` whose estimate becomes the logit bias.
+        input_scale: factor on q and k (``d**-0.25``).
+    """
+
+    has_mask = False
+    num_rpe_features = 0
+
+    def __init__(self, feature_map: FeatureMap, rpe: FourierRPE, input_scale: float) -> None:
+        if not isinstance(feature_map, PositiveRandomFeatures):
+            raise ValueError(
+                "logit mode estimates exp(q.k/sqrt(d) + f) and needs kernel='favor+' "
+                f"(positive random features), got {type(feature_map).__name__}"
+            )
+        self.feature_map = feature_map
+        self.rpe = rpe
+        self.input_scale = input_scale
+        self.num_features = feature_map.num_features
+
+    def _features(self, x: Tensor, pos: Tensor, query: bool) -> TokenFeatures:
+        if query:
+            psi = self.rpe.query_features(pos, split="symmetric")
+        else:
+            psi = self.rpe.key_features(pos, split="symmetric")
+        joint = torch.cat([x * self.input_scale, psi.to(x.dtype)], dim=-1)
+        phi, log_scale = self.feature_map(joint)
+        return TokenFeatures(phi, log_scale, None)
+
+    def query(self, q: Tensor, pos: Tensor) -> TokenFeatures:
+        return self._features(q, pos, query=True)
+
+    def key(self, k: Tensor, pos: Tensor) -> TokenFeatures:
+        return self._features(k, pos, query=False)

@@ -1,0 +1,120 @@
+r"""Fourier RPEs: ``f(Delta) = \int g(xi) exp(2 pi i xi . Delta) dxi`` from random frequencies.
+
+Axes: ``...`` leading axes (b batch, n tokens), p position dim, h heads, m frequencies.
+
+A family defines its spectrum by :meth:`FourierRPE.spectrum`: ``m`` frequencies ``xi`` per
+head, drawn from a proposal ``p``, and importance weights ``a = g(xi) / p(xi)``. With
+``c = cos(2 pi xi . r)`` and ``s = sin(2 pi xi . r)`` the features
+
+* ``split="query"`` (mask mode): ``psi_q = m^-1/2 [a c, a s]``, ``psi_k = m^-1/2 [c, s]``;
+* ``split="symmetric"`` (logit mode): ``psi_q = m^-1/2 sign(a) sqrt|a| [c, s]``,
+  ``psi_k = m^-1/2 sqrt|a| [c, s]``
+
+both give ``psi_q(r_i) . psi_k(r_j) = m^-1 sum_l a_l cos(2 pi xi_l . (r_i - r_j))``, an
+unbiased estimate of ``Re f(r_i - r_j)`` that depends on ``r_i - r_j`` only, for every
+draw. The symmetric split keeps ``|psi_q| = |psi_k|``, which is what the positive random
+features of logit mode need for low variance. Only ``g`` is learned; frequency draws are
+buffers (``redraw`` renews them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class FourierRPE(nn.Module):
+    """Base class of RPEs estimated with random Fourier features.
+
+    Args:
+        pos_dim: dimension ``p`` of the positions.
+        num_heads: number of heads ``h`` (each head has its own ``f``).
+        num_frequencies: number ``m`` of frequencies per head; features have ``2m`` entries.
+
+    Subclasses implement :meth:`spectrum`, :meth:`closed_form` and :meth:`redraw`.
+    """
+
+    #: estimates ``f_hat`` can be negative (true for cosine features)
+    signed: bool = True
+
+    def __init__(self, pos_dim: int, num_heads: int, num_frequencies: int) -> None:
+        super().__init__()
+        for name, value in (
+            ("pos_dim", pos_dim),
+            ("num_heads", num_heads),
+            ("num_frequencies", num_frequencies),
+        ):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.pos_dim = pos_dim
+        self.num_heads = num_heads
+        self.num_frequencies = num_frequencies
+
+    @property
+    def num_features(self) -> int:
+        """Size ``2m`` of ``psi_q`` and ``psi_k``."""
+        return 2 * self.num_frequencies
+
+    def spectrum(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """``(xi [h, m, p], weight [h, m])``: frequencies and importance weights ``g/p``."""
+        raise NotImplementedError
+
+    def closed_form(self, delta: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Exact ``Re f(delta)``: ``delta [..., p]`` -> ``[..., h]``."""
+        raise NotImplementedError
+
+    def redraw(self, generator: torch.Generator | None = None) -> None:  # pragma: no cover
+        """Draw new frequencies."""
+        raise NotImplementedError
+
+    def _cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        xi, weight = self.spectrum()
+        phase = 2 * math.pi * torch.einsum("...p,hmp->...hm", pos, xi.to(pos.dtype))
+        return torch.cos(phase), torch.sin(phase), weight.to(pos.dtype)
+
+    def query_features(self, pos: Tensor, split: str = "query") -> Tensor:
+        """``psi_q``: ``pos [..., p]`` -> ``[..., h, 2m]`` (see the module docstring)."""
+        cos, sin, weight = self._cos_sin(pos)
+        if split == "query":
+            factor = weight
+        elif split == "symmetric":
+            factor = torch.sign(weight) * weight.abs().sqrt()
+        else:
+            raise ValueError(f"split must be 'query' or 'symmetric', got {split!r}")
+        scale = factor / math.sqrt(self.num_frequencies)
+        return torch.cat([cos * scale, sin * scale], dim=-1)
+
+    def key_features(self, pos: Tensor, split: str = "query") -> Tensor:
+        """``psi_k``: ``pos [..., p]`` -> ``[..., h, 2m]`` (see the module docstring)."""
+        cos, sin, weight = self._cos_sin(pos)
+        if split == "query":
+            scale = torch.ones_like(weight) / math.sqrt(self.num_frequencies)
+        elif split == "symmetric":
+            scale = weight.abs().sqrt() / math.sqrt(self.num_frequencies)
+        else:
+            raise ValueError(f"split must be 'query' or 'symmetric', got {split!r}")
+        return torch.cat([cos * scale, sin * scale], dim=-1)
+
+    def estimate(self, delta: Tensor) -> Tensor:
+        """Monte-Carlo ``f_hat(delta) = m^-1 sum_l a_l cos(2 pi xi_l . delta)``: ``[..., p] -> [..., h]``."""
+        xi, weight = self.spectrum()
+        phase = 2 * math.pi * torch.einsum("...p,hmp->...hm", delta, xi.to(delta.dtype))
+        return (torch.cos(phase) * weight.to(delta.dtype)).mean(-1)
+
+    def pairwise(self, pos: Tensor, exact: bool = False) -> Tensor:
+        """Dense ``f(r_i - r_j)`` for references: ``pos [b, n, p]`` -> ``[b, h, i, j]``.
+
+        ``exact=True`` uses :meth:`closed_form`, otherwise the current draw's estimate.
+        Costs O(n^2): for tests and baselines only.
+        """
+        delta = pos.unsqueeze(-2) - pos.unsqueeze(-3)  # [b, i, j, p]
+        values = self.closed_form(delta) if exact else self.estimate(delta)
+        return values.movedim(-1, -3)
+
+    def extra_repr(self) -> str:
+        return (
+            f"pos_dim={self.pos_dim}, num_heads={self.num_heads}, "
+            f"num_frequencies={self.num_frequencies}"
+        )
