@@ -36,7 +36,7 @@ class FeatureMap(nn.Module):
         raise NotImplementedError
 
     def kernel(self, x: Tensor, y: Tensor) -> Tensor:  # pragma: no cover - abstract
-        """Exact kernel the features estimate: ``x [..., i, d], y [..., j, d]`` -> ``[..., i, j]``."""
+        """Exact kernel the map estimates: ``x [..., i, d], y [..., j, d] -> [..., i, j]``."""
         raise NotImplementedError
 
     def redraw(self, generator: torch.Generator | None = None) -> None:

@@ -99,6 +99,8 @@ class RPEAttention(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if normalize is None:
@@ -158,7 +160,8 @@ class RPEAttention(nn.Module):
     @property
     def featurizer(self) -> MaskMode | LogitMode:
         """The mode object the engine calls (see :mod:`geolinrpe.ops.modes`)."""
-        scale = self.head_dim**-0.25 if isinstance(self.feature_map, PositiveRandomFeatures) else 1.0
+        softmax = isinstance(self.feature_map, PositiveRandomFeatures)
+        scale = self.head_dim**-0.25 if softmax else 1.0
         if self.mode == "logit" and self.rpe is not None:
             return LogitMode(self.feature_map, self.rpe, scale)
         return MaskMode(self.feature_map, self.rpe, scale)
@@ -194,7 +197,7 @@ class RPEAttention(nn.Module):
             want = list(x.shape[:-1]) + [self.pos_dim]
             if list(pos.shape) != want:
                 raise ValueError(f"pos must have shape {want}, got {list(pos.shape)}")
-            check_same_device_dtype(x=x, pos=pos)
+            check_same_device_dtype({"x": x, "pos": pos})
             if self.center_positions:
                 pos = _center(pos, batch, key_padding_mask)
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
@@ -210,9 +213,17 @@ class RPEAttention(nn.Module):
         """Attend; see the class docstring for shapes."""
         q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask)
         out = linear_attention(
-            q, k, v, pos, featurizer=self.featurizer, key_padding_mask=key_padding_mask,
-            batch=batch, causal=self.causal, normalize=self.normalize,
-            chunk_size=self.chunk_size, check_finite=False,
+            q,
+            k,
+            v,
+            pos,
+            featurizer=self.featurizer,
+            key_padding_mask=key_padding_mask,
+            batch=batch,
+            causal=self.causal,
+            normalize=self.normalize,
+            chunk_size=self.chunk_size,
+            check_finite=False,
         )
         return self.out(out.flatten(-2))
 
@@ -263,8 +274,7 @@ class RPEAttention(nn.Module):
                 kmat = featurizer.kernel(dense_q, dense_k)
             else:
                 dq, dk = (q[None], k[None]) if packed else (q, k)
-                fq, fk = featurizer.query(dq, None), featurizer.key(dk, None)
-                kmat = _kernel_from_features(fq, fk)
+                kmat = _kernel_from_features(featurizer, dq, dk)
             kmat = kmat[0] if packed else kmat
             out = masked_kernel_attention(kmat, v, bias, normalize=self.normalize, **layout)
         return self.out(out.flatten(-2))
@@ -276,11 +286,14 @@ class RPEAttention(nn.Module):
         )
 
 
-def _kernel_from_features(fq, fk) -> Tensor:
-    """``[b, h, i, j]`` kernel from stabilised features, up to a per-row constant."""
-    kmat = torch.einsum("bihr,bjhr->bhij", fq.phi, fk.phi)
-    if fk.log_scale is not None:
-        ls = fk.log_scale.transpose(1, 2)[:, :, None, :]
+def _kernel_from_features(featurizer: MaskMode, q: Tensor, k: Tensor) -> Tensor:
+    """``[b, h, i, j]`` kernel estimate from the random features, up to a per-row constant."""
+    (phi_q, _), (phi_k, key_scale) = (
+        featurizer.feature_map(t * featurizer.input_scale) for t in (q, k)
+    )
+    kmat = torch.einsum("bihr,bjhr->bhij", phi_q, phi_k)
+    if key_scale is not None:
+        ls = key_scale.transpose(1, 2)[:, :, None, :]
         kmat = kmat * torch.exp(ls - ls.amax(-1, keepdim=True))
     return kmat
 

@@ -21,8 +21,8 @@ def check_floating(name: str, tensor: Tensor, finite: bool = True) -> None:
         raise ValueError(f"{name} contains {bad} NaN or inf value(s)")
 
 
-def check_same_device_dtype(**tensors: Tensor | None) -> None:
-    """All given tensors share one device and one dtype."""
+def check_same_device_dtype(tensors: dict[str, Tensor | None], same_dtype: bool = True) -> None:
+    """All given tensors (by argument name) share one device and, with ``same_dtype``, one dtype."""
     items = [(n, t) for n, t in tensors.items() if t is not None]
     first_name, first = items[0]
     for name, t in items[1:]:
@@ -31,7 +31,7 @@ def check_same_device_dtype(**tensors: Tensor | None) -> None:
                 f"{name} is on {t.device} but {first_name} is on {first.device}; "
                 "move them to one device"
             )
-        if t.dtype != first.dtype:
+        if same_dtype and t.dtype != first.dtype:
             raise ValueError(
                 f"{name} has dtype {t.dtype} but {first_name} has dtype {first.dtype}; "
                 "cast them to one dtype"
@@ -76,8 +76,7 @@ def check_key_padding_mask(mask: Tensor, batch_size: int, num_tokens: int, devic
         raise ValueError(f"key_padding_mask must be a bool tensor (True = padding), got {got}")
     if tuple(mask.shape) != (batch_size, num_tokens):
         raise ValueError(
-            f"key_padding_mask must have shape [{batch_size}, {num_tokens}], "
-            f"got {list(mask.shape)}"
+            f"key_padding_mask must have shape [{batch_size}, {num_tokens}], got {list(mask.shape)}"
         )
     if mask.device != device:
         raise ValueError(f"key_padding_mask is on {mask.device} but the inputs are on {device}")

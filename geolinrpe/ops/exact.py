@@ -150,6 +150,11 @@ def feature_attention(
         kernel, v = kernel[0], v[0]
         mask = None if mask is None else mask[0]
     return masked_kernel_attention(
-        kernel, v, mask, key_padding_mask=key_padding_mask, batch=batch, causal=causal,
+        kernel,
+        v,
+        mask,
+        key_padding_mask=key_padding_mask,
+        batch=batch,
+        causal=causal,
         normalize=normalize,
     )

@@ -9,7 +9,7 @@ features ``phi`` and optional RPE features ``psi``, the output for query i is
 .. math::
 
     \mathrm{num}_i = \sum_j (\phi_{q,i} \cdot \phi_{k,j}) (\psi_{q,i} \cdot \psi_{k,j}) v_j
-                   = \phi_{q,i}^\top \Big[\sum_j \phi_{k,j} \otimes \psi_{k,j} \otimes v_j\Big] \psi_{q,i}
+        = \phi_{q,i}^\top \Big[\sum_j \phi_{k,j} \otimes \psi_{k,j} \otimes v_j\Big] \psi_{q,i}
 
 so one state ``S [b, h, r, m, e]`` summarises all keys; ``psi`` absent means a factor 1.
 Keys are consumed in chunks (``S += phi_k^T (psi_k (x) v)``), queries read the state in
@@ -58,6 +58,7 @@ from .modes import Featurizer, TokenFeatures
 from .packing import PaddedBuckets
 
 NORMALIZATIONS = ("masked", "kernel", "none")
+HALF = (torch.float16, torch.bfloat16)
 #: elements per chunk buffer for the default chunk size (64 MiB in float32)
 CHUNK_BUDGET = 2**24
 CAUSAL_CHUNK = 64
@@ -101,7 +102,7 @@ def linear_attention(
     packed = batch is not None
     _check_inputs(q, k, v, pos, key_padding_mask, batch, packed, check_finite)
     out_dtype = v.dtype
-    if out_dtype in (torch.float16, torch.bfloat16):  # accumulate in float32
+    if out_dtype in HALF:  # accumulate in float32
         q, k, v = q.float(), k.float(), v.float()
         pos = None if pos is None else pos.float()
     if normalize == "kernel" and not featurizer.has_mask:
@@ -113,11 +114,10 @@ def linear_attention(
             out = v.new_empty(v.shape)
             layout = PaddedBuckets(batch)
             for index, mask in layout.buckets:
-                take = lambda t: None if t is None else layout.gather(t, index, mask)  # noqa: E731
-                dense = _dense(
-                    take(q), take(k), take(v), take(pos), featurizer, mask, causal, normalize,
-                    chunk_size,
+                qb, kb, vb, pb = (
+                    None if t is None else layout.gather(t, index, mask) for t in (q, k, v, pos)
                 )
+                dense = _dense(qb, kb, vb, pb, featurizer, mask, causal, normalize, chunk_size)
                 layout.scatter(out, dense, index, mask)
     return out.to(out_dtype)
 
@@ -144,7 +144,11 @@ def _check_inputs(q, k, v, pos, key_padding_mask, batch, packed, check_finite) -
             raise ValueError(
                 f"pos must have shape {list(lead[:-1]) + ['p']}, got {list(pos.shape)}"
             )
-    check_same_device_dtype(q=q, k=k, v=v, pos=pos)
+    check_same_device_dtype({"q": q, "k": k, "v": v})
+    if pos is not None:
+        # under autocast q, k, v are half precision while positions stay in full precision
+        autocast = q.dtype in HALF and pos.dtype in (torch.float32, torch.float64)
+        check_same_device_dtype({"q": q, "pos": pos}, same_dtype=not autocast)
     if packed:
         if key_padding_mask is not None:
             raise ValueError("pass either batch (packed) or key_padding_mask (dense), not both")

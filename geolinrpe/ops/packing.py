@@ -57,7 +57,9 @@ class PaddedBuckets:
         start = 0
         while start < len(sizes):
             longest, tokens, end = sizes[start], 0, start
-            while end < len(sizes) and (end + 1 - start) * longest <= max_waste * (tokens + sizes[end]):
+            while end < len(sizes) and (end + 1 - start) * longest <= max_waste * (
+                tokens + sizes[end]
+            ):
                 tokens += sizes[end]
                 end += 1
             graphs = order[start:end]

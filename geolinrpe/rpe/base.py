@@ -98,7 +98,10 @@ class FourierRPE(nn.Module):
         return torch.cat([cos * scale, sin * scale], dim=-1)
 
     def estimate(self, delta: Tensor) -> Tensor:
-        """Monte-Carlo ``f_hat(delta) = m^-1 sum_l a_l cos(2 pi xi_l . delta)``: ``[..., p] -> [..., h]``."""
+        """Monte-Carlo ``f_hat(delta) = m^-1 sum_l a_l cos(2 pi xi_l . delta)``.
+
+        ``delta [..., p]`` -> ``[..., h]``.
+        """
         xi, weight = self.spectrum()
         phase = 2 * math.pi * torch.einsum("...p,hmp->...hm", delta, xi.to(delta.dtype))
         return (torch.cos(phase) * weight.to(delta.dtype)).mean(-1)

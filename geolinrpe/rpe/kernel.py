@@ -25,7 +25,7 @@ KERNELS = ("gaussian",)
 
 
 class ShiftInvariantKernelRPE(FourierRPE):
-    r"""``f_h(Delta) = amplitude_h * exp(-|Delta|^2 / (2 lengthscale_h^2))`` (registry ``"flt-kernel"``).
+    r"""``f_h(Delta) = amplitude_h exp(-|Delta|^2 / (2 lengthscale_h^2))`` (``"flt-kernel"``).
 
     Args:
         pos_dim: position dimension ``p`` (any positive int).
@@ -76,7 +76,9 @@ class ShiftInvariantKernelRPE(FourierRPE):
         eps = torch.stack(
             [
                 gaussian_orthogonal_matrix(
-                    self.num_frequencies, self.pos_dim, orthogonal=self.orthogonal,
+                    self.num_frequencies,
+                    self.pos_dim,
+                    orthogonal=self.orthogonal,
                     generator=generator,
                 )
                 for _ in range(self.num_heads)
