@@ -7,14 +7,16 @@ head, drawn from a proposal ``p``, and importance weights ``a = g(xi) / p(xi)``.
 ``c = cos(2 pi xi . r)`` and ``s = sin(2 pi xi . r)`` the features
 
 * ``split="query"`` (mask mode): ``psi_q = m^-1/2 [a c, a s]``, ``psi_k = m^-1/2 [c, s]``;
-* ``split="symmetric"`` (logit mode): ``psi_q = m^-1/2 sign(a) sqrt|a| [c, s]``,
-  ``psi_k = m^-1/2 sqrt|a| [c, s]``
+* ``split="symmetric"`` (logit mode): ``psi_q = m^-1/2 a t^-1 [c, s]``,
+  ``psi_k = m^-1/2 t [c, s]`` with ``t = (a^2 + delta^2)^(1/4)`` (``delta = 0.01``)
 
 both give ``psi_q(r_i) . psi_k(r_j) = m^-1 sum_l a_l cos(2 pi xi_l . (r_i - r_j))``, an
 unbiased estimate of ``Re f(r_i - r_j)`` that depends on ``r_i - r_j`` only, for every
-draw. The symmetric split keeps ``|psi_q| = |psi_k|``, which is what the positive random
-features of logit mode need for low variance. Only ``g`` is learned; frequency draws are
-buffers (``redraw`` renews them).
+draw. The symmetric split keeps ``|psi_q| ~ |psi_k| ~ sqrt|a|``, which is what the positive
+random features of logit mode need for low variance; the plain ``sign(a) sqrt|a|`` split
+would have an infinite derivative at ``a = 0``, the neutral initialisation, and ``delta``
+smooths it (``t`` is C-infinity in ``a``, ``|psi_k| = 0.1`` at ``a = 0``). Only ``g`` is learned;
+frequency draws are buffers (``redraw`` renews them).
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+#: softening of the symmetric split, ``t = (a^2 + SPLIT_SOFTENING^2)^(1/4)``
+SPLIT_SOFTENING = 1e-2
 
 
 class FourierRPE(nn.Module):
@@ -80,7 +85,7 @@ class FourierRPE(nn.Module):
         if split == "query":
             factor = weight
         elif split == "symmetric":
-            factor = torch.sign(weight) * weight.abs().sqrt()
+            factor = weight / _split_scale(weight)
         else:
             raise ValueError(f"split must be 'query' or 'symmetric', got {split!r}")
         scale = factor / math.sqrt(self.num_frequencies)
@@ -92,7 +97,7 @@ class FourierRPE(nn.Module):
         if split == "query":
             scale = torch.ones_like(weight) / math.sqrt(self.num_frequencies)
         elif split == "symmetric":
-            scale = weight.abs().sqrt() / math.sqrt(self.num_frequencies)
+            scale = _split_scale(weight) / math.sqrt(self.num_frequencies)
         else:
             raise ValueError(f"split must be 'query' or 'symmetric', got {split!r}")
         return torch.cat([cos * scale, sin * scale], dim=-1)
@@ -121,3 +126,8 @@ class FourierRPE(nn.Module):
             f"pos_dim={self.pos_dim}, num_heads={self.num_heads}, "
             f"num_frequencies={self.num_frequencies}"
         )
+
+
+def _split_scale(weight: Tensor) -> Tensor:
+    """``t = (a^2 + delta^2)^(1/4)``: ``~sqrt|a|`` for ``|a| >> delta``, smooth at 0."""
+    return (weight.pow(2) + SPLIT_SOFTENING**2).pow(0.25)

@@ -27,11 +27,24 @@ def test_features_give_the_estimate_and_depend_on_differences_only(pos_dim):
             rpe.key_features(pos + shift, split),
         )
         torch.testing.assert_close(moved, want, atol=1e-10, rtol=1e-10)
-    # symmetric split balances the two sides
+    # symmetric split balances the two sides (|a| = 0.7 >> the 0.01 softening)
     torch.testing.assert_close(
         rpe.query_features(pos, "symmetric").norm(dim=-1),
         rpe.key_features(pos, "symmetric").norm(dim=-1),
+        rtol=1e-3,
+        atol=0,
     )
+
+
+def test_symmetric_split_is_smooth_at_the_neutral_amplitude():
+    """a = 0 (neutral logit bias) must give finite, non-zero gradients (sqrt|a| would not)."""
+    rpe = ShiftInvariantKernelRPE(3, 2, 4, amplitude=0.0).double()
+    pos = torch.randn(6, 3, dtype=D64)
+    psi_q, psi_k = rpe.query_features(pos, "symmetric"), rpe.key_features(pos, "symmetric")
+    assert psi_q.abs().max() == 0 and psi_k.abs().max() > 0
+    torch.exp(psi_q @ psi_k.transpose(-1, -2) + psi_q.sum()).sum().backward()
+    grad = rpe.amplitude.grad
+    assert torch.isfinite(grad).all() and grad.abs().min() > 0
 
 
 def test_monte_carlo_converges_at_the_inverse_sqrt_rate():
