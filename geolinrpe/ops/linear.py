@@ -13,7 +13,8 @@ features ``phi`` and optional RPE features ``psi``, the output for query i is
 
 so one state ``S [b, h, r, m, e]`` summarises all keys; ``psi`` absent means a factor 1.
 Keys are consumed in chunks (``S += phi_k^T (psi_k (x) v)``), queries read the state in
-chunks, so peak memory is O(chunk * h * m * e) beyond the inputs and the output, and the
+chunks and write into the preallocated output, so peak memory beyond the inputs and the
+output is one chunk's buffers (``CHUNK_BUDGET`` elements by default), and the
 ``n x (r * m)`` Kronecker features are never formed.
 
 Normalisation (``normalize``):
@@ -59,8 +60,8 @@ from .packing import PaddedBuckets
 
 NORMALIZATIONS = ("masked", "kernel", "none")
 HALF = (torch.float16, torch.bfloat16)
-#: elements per chunk buffer for the default chunk size (64 MiB in float32)
-CHUNK_BUDGET = 2**24
+#: elements of per-chunk working memory for the default chunk size (32 MiB in float32)
+CHUNK_BUDGET = 2**23
 CAUSAL_CHUNK = 64
 
 
@@ -228,16 +229,21 @@ def _finish(num: Tensor, den: Tensor | None, fq: TokenFeatures, running, normali
     return num / den[..., None]
 
 
-def _default_chunk(v: Tensor, featurizer: Featurizer) -> int:
+def _default_chunk(q: Tensor, v: Tensor, featurizer: Featurizer) -> int:
+    """Tokens per chunk so that the chunk's buffers fit in ``CHUNK_BUDGET`` elements.
+
+    Per token and head: the ``psi (x) v`` block (``m (e + 1)``) plus about four buffers of
+    feature-map inputs and outputs (``d + m + r``: inputs, logits, exponentials, features).
+    """
     b, _, h, e = v.shape
     m = max(featurizer.num_rpe_features, 1)
-    per_token = b * h * (m * (e + 1) + m + featurizer.num_features)
+    per_token = b * h * (m * (e + 1) + 4 * (q.shape[-1] + m + featurizer.num_features))
     return max(16, CHUNK_BUDGET // per_token)
 
 
 def _bidirectional(q, k, v, pos, featurizer, valid, normalize, chunk_size) -> Tensor:
     n = v.shape[1]
-    chunk_size = chunk_size or _default_chunk(v, featurizer)
+    chunk_size = chunk_size or _default_chunk(q, v, featurizer)
     state = denom = running = None
     for start in range(0, n, chunk_size):
         stop = start + chunk_size
@@ -250,21 +256,21 @@ def _bidirectional(q, k, v, pos, featurizer, valid, normalize, chunk_size) -> Te
         state = update if state is None else state + update
         if normalize == "kernel":
             denom = phi.sum(1) if denom is None else denom + phi.sum(1)
-    outs = []
+    out = v.new_empty(v.shape)
     for start in range(0, n, chunk_size):
         stop = start + chunk_size
         fq = featurizer.query(q[:, start:stop], _slice(pos, start, stop))
         num = _read_state(fq.phi, fq.psi, state)
         den = None if denom is None else torch.einsum("bnhr,bhr->bnh", fq.phi, denom)
-        outs.append(_finish(num, den, fq, running, normalize))
-    return torch.cat(outs, dim=1)
+        out[:, start:stop] = _finish(num, den, fq, running, normalize)
+    return out
 
 
 def _causal(q, k, v, pos, featurizer, valid, normalize, chunk_size) -> Tensor:
     n = v.shape[1]
     lower = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=v.device).tril()
     state = denom = running = None
-    outs = []
+    out = v.new_empty(v.shape)
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
         pos_sl = _slice(pos, start, stop)
@@ -286,9 +292,9 @@ def _causal(q, k, v, pos, featurizer, valid, normalize, chunk_size) -> Tensor:
             num = num + _read_state(fq.phi, fq.psi, state)
             if den is not None:
                 den = den + torch.einsum("bnhr,bhr->bnh", fq.phi, denom)
-        outs.append(_finish(num, den, fq, running, normalize))
+        out[:, start:stop] = _finish(num, den, fq, running, normalize)
         update = _key_state(phi_k, fk.psi, values)
         state = update if state is None else state + update
         if normalize == "kernel":
             denom = phi_k.sum(1) if denom is None else denom + phi_k.sum(1)
-    return torch.cat(outs, dim=1)
+    return out
