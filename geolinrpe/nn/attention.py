@@ -255,28 +255,26 @@ class RPEAttention(nn.Module):
         packed = batch is not None
         layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=self.causal)
         featurizer = self.featurizer
-        bias = None
-        if self.rpe is not None:
-            dense_pos = pos[None] if packed else pos
-            bias = self.rpe.pairwise(dense_pos, exact=rpe == "exact")
-            bias = bias[0] if packed else bias
         if kernel == "features" and (self.rpe is None or rpe == "features"):
             out = feature_attention(
                 q, k, v, pos, featurizer=featurizer, normalize=self.normalize, **layout
             )
-        elif isinstance(featurizer, LogitMode):
+            return self.out(out.flatten(-2))
+        unpack = (lambda t: t[0]) if packed else (lambda t: t)  # noqa: E731
+        dense = (lambda t: t[None]) if packed else (lambda t: t)  # noqa: E731
+        bias = None
+        if self.rpe is not None:
+            bias = unpack(self.rpe.pairwise(dense(pos), exact=rpe == "exact"))
+        if isinstance(featurizer, LogitMode):
             if kernel != "exact":
                 raise ValueError("logit mode has no kernel='features' reference with rpe='exact'")
             out = softmax_attention(q, k, v, bias, **layout)
         else:
             if kernel == "exact":
-                dense_q, dense_k = (q[None], k[None]) if packed else (q, k)
-                kmat = featurizer.kernel(dense_q, dense_k)
+                kmat = featurizer.kernel(dense(q), dense(k))
             else:
-                dq, dk = (q[None], k[None]) if packed else (q, k)
-                kmat = _kernel_from_features(featurizer, dq, dk)
-            kmat = kmat[0] if packed else kmat
-            out = masked_kernel_attention(kmat, v, bias, normalize=self.normalize, **layout)
+                kmat = _kernel_from_features(featurizer, dense(q), dense(k))
+            out = masked_kernel_attention(unpack(kmat), v, bias, normalize=self.normalize, **layout)
         return self.out(out.flatten(-2))
 
     def extra_repr(self) -> str:
