@@ -20,9 +20,9 @@ from ..ops.checks import (
 )
 from ..ops.exact import feature_attention, masked_kernel_attention, softmax_attention
 from ..ops.linear import NORMALIZATIONS, linear_attention
-from ..ops.modes import LogitMode, MaskMode
+from ..ops.modes import Featurizer, MaskMode
 from ..ops.packing import to_padded
-from ..rpe import FourierRPE, build
+from ..rpe import RPE, build
 
 MODES = ("logit", "mask")
 
@@ -46,7 +46,7 @@ class RPEAttention(nn.Module):
         embed_dim: channels ``c`` of ``x``.
         num_heads: heads ``h``; ``embed_dim`` must be divisible by it.
         rpe: ``None`` (plain linear attention), a registry name of :mod:`geolinrpe.rpe`, or
-            a :class:`~geolinrpe.rpe.FourierRPE` instance.
+            an :class:`~geolinrpe.rpe.RPE` instance.
         pos_dim: position dimension ``p`` (needed with an RPE name; 1 sequences, 2 image
             grids, 3 atoms and points).
         mode: ``"logit"`` or ``"mask"``.
@@ -81,7 +81,7 @@ class RPEAttention(nn.Module):
         self,
         embed_dim: int,
         num_heads: int,
-        rpe: str | FourierRPE | None = None,
+        rpe: str | RPE | None = None,
         pos_dim: int | None = None,
         mode: str = "logit",
         kernel: str | FeatureMap = "favor+",
@@ -111,9 +111,13 @@ class RPEAttention(nn.Module):
             if pos_dim is None:
                 raise ValueError(f"pos_dim is required to build rpe={rpe!r}")
             rpe = build(rpe, pos_dim=pos_dim, num_heads=num_heads, **(rpe_options or {}))
-        elif rpe is not None and not isinstance(rpe, FourierRPE):
-            raise ValueError(f"rpe must be None, a name or a FourierRPE, got {type(rpe).__name__}")
+        elif rpe is not None and not isinstance(rpe, RPE):
+            raise ValueError(f"rpe must be None, a name or an RPE, got {type(rpe).__name__}")
         if rpe is not None:
+            if mode not in rpe.modes:
+                raise ValueError(
+                    f"rpe {type(rpe).__name__} supports modes {rpe.modes}, not {mode!r}"
+                )
             if pos_dim is not None and pos_dim != rpe.pos_dim:
                 raise ValueError(f"pos_dim={pos_dim} but the rpe has pos_dim={rpe.pos_dim}")
             if rpe.num_heads != num_heads:
@@ -133,7 +137,7 @@ class RPEAttention(nn.Module):
         self.rpe = rpe
         self.pos_dim = None if rpe is None else rpe.pos_dim
         logit = mode == "logit" and rpe is not None
-        input_dim = self.head_dim + (rpe.num_features if logit else 0)
+        input_dim = self.head_dim if rpe is None else rpe.kernel_input_dim(self.head_dim, mode)
         if isinstance(kernel, str):
             kernel = build_feature_map(kernel, input_dim, num_features)
         if kernel.input_dim != input_dim:
@@ -158,13 +162,13 @@ class RPEAttention(nn.Module):
             self.rpe.redraw(generator)
 
     @property
-    def featurizer(self) -> MaskMode | LogitMode:
+    def featurizer(self) -> Featurizer:
         """The mode object the engine calls (see :mod:`geolinrpe.ops.modes`)."""
         softmax = isinstance(self.feature_map, PositiveRandomFeatures)
         scale = self.head_dim**-0.25 if softmax else 1.0
-        if self.mode == "logit" and self.rpe is not None:
-            return LogitMode(self.feature_map, self.rpe, scale)
-        return MaskMode(self.feature_map, self.rpe, scale)
+        if self.rpe is None:
+            return MaskMode(self.feature_map, None, scale)
+        return self.rpe.featurizer(self.feature_map, scale, self.mode)
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, x, pos, batch, key_padding_mask):
@@ -265,7 +269,7 @@ class RPEAttention(nn.Module):
         bias = None
         if self.rpe is not None:
             bias = unpack(self.rpe.pairwise(dense(pos), exact=rpe == "exact"))
-        if isinstance(featurizer, LogitMode):
+        if self.mode == "logit" and self.rpe is not None:
             if kernel != "exact":
                 raise ValueError("logit mode has no kernel='features' reference with rpe='exact'")
             out = softmax_attention(q, k, v, bias, **layout)

@@ -23,14 +23,16 @@ by chunk and keep memory O(n (d + m)).
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
 from ..features.base import FeatureMap
 from ..features.positive_random import PositiveRandomFeatures
-from ..rpe.base import FourierRPE
+
+if TYPE_CHECKING:
+    from ..rpe.base import FourierRPE
 
 
 class TokenFeatures(NamedTuple):

@@ -6,10 +6,10 @@
 
 from __future__ import annotations
 
-from .base import FourierRPE
+from .base import RPE, FourierRPE
 from .kernel import ShiftInvariantKernelRPE
 
-REGISTRY: dict[str, type[FourierRPE]] = {
+REGISTRY: dict[str, type[RPE]] = {
     "flt-kernel": ShiftInvariantKernelRPE,
 }
 
@@ -19,7 +19,7 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def build(name: str, *, pos_dim: int, num_heads: int, **options) -> FourierRPE:
+def build(name: str, *, pos_dim: int, num_heads: int, **options) -> RPE:
     """Build the RPE registered as ``name``; ValueError names an unknown name or option."""
     if name not in REGISTRY:
         raise ValueError(f"unknown rpe {name!r}; choose one of {names()}")
@@ -29,4 +29,4 @@ def build(name: str, *, pos_dim: int, num_heads: int, **options) -> FourierRPE:
         raise ValueError(f"bad option for rpe {name!r}: {err}") from err
 
 
-__all__ = ["REGISTRY", "FourierRPE", "ShiftInvariantKernelRPE", "build", "names"]
+__all__ = ["REGISTRY", "RPE", "FourierRPE", "ShiftInvariantKernelRPE", "build", "names"]

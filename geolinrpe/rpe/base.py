@@ -1,6 +1,14 @@
-r"""Fourier RPEs: ``f(Delta) = \int g(xi) exp(2 pi i xi . Delta) dxi`` from random frequencies.
+r"""RPE base classes: the contract with the attention layer, and Fourier RPEs.
 
 Axes: ``...`` leading axes (b batch, n tokens), p position dim, h heads, m frequencies.
+
+:class:`RPE` is what :class:`~geolinrpe.nn.RPEAttention` accepts: it names the combination
+modes it supports, the kernel feature map's input size in each, and builds the featurizer
+(:mod:`geolinrpe.ops.modes`) that the O(n) engine calls; ``pairwise`` gives the dense
+``f(r_i - r_j)`` for the O(n^2) references.
+
+:class:`FourierRPE` estimates ``f(Delta) = \int g(xi) exp(2 pi i xi . Delta) dxi`` from
+random frequencies.
 
 A family defines its spectrum by :meth:`FourierRPE.spectrum`: ``m`` frequencies ``xi`` per
 head, drawn from a proposal ``p``, and importance weights ``a = g(xi) / p(xi)``. With
@@ -26,12 +34,60 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..features.base import FeatureMap
+from ..ops.modes import Featurizer, LogitMode, MaskMode
+
 #: softening of the symmetric split, ``t = (a^2 + SPLIT_SOFTENING^2)^(1/4)``
 SPLIT_SOFTENING = 1e-2
 
 
-class FourierRPE(nn.Module):
-    """Base class of RPEs estimated with random Fourier features.
+def _check_positive_ints(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+class RPE(nn.Module):
+    """Base class of every relative positional encoding the attention layer accepts.
+
+    Args:
+        pos_dim: dimension ``p`` of the positions.
+        num_heads: number of heads ``h`` (each head has its own encoding).
+
+    Subclasses set :attr:`modes` and implement :meth:`kernel_input_dim`,
+    :meth:`featurizer`, :meth:`pairwise` and :meth:`redraw`.
+    """
+
+    #: combination modes this RPE supports (``"logit"``, ``"mask"``)
+    modes: tuple[str, ...] = ()
+
+    def __init__(self, pos_dim: int, num_heads: int) -> None:
+        super().__init__()
+        _check_positive_ints(pos_dim=pos_dim, num_heads=num_heads)
+        self.pos_dim = pos_dim
+        self.num_heads = num_heads
+
+    def kernel_input_dim(self, head_dim: int, mode: str) -> int:  # pragma: no cover - abstract
+        """Input size of the kernel feature map in ``mode`` for queries of size ``head_dim``."""
+        raise NotImplementedError
+
+    def featurizer(
+        self, feature_map: FeatureMap, input_scale: float, mode: str
+    ) -> Featurizer:  # pragma: no cover - abstract
+        """The featurizer the engine calls in ``mode``."""
+        raise NotImplementedError
+
+    def pairwise(self, pos: Tensor, exact: bool = False) -> Tensor:  # pragma: no cover
+        """Dense ``f(r_i - r_j)``: ``pos [b, n, p]`` -> ``[b, h, i, j]`` (O(n^2), references)."""
+        raise NotImplementedError
+
+    def redraw(self, generator: torch.Generator | None = None) -> None:  # pragma: no cover
+        """Draw new random quantities (no-op for deterministic encodings)."""
+        raise NotImplementedError
+
+
+class FourierRPE(RPE):
+    """Base class of RPEs estimated with random Fourier features (both modes).
 
     Args:
         pos_dim: dimension ``p`` of the positions.
@@ -39,23 +95,25 @@ class FourierRPE(nn.Module):
         num_frequencies: number ``m`` of frequencies per head; features have ``2m`` entries.
 
     Subclasses implement :meth:`spectrum`, :meth:`closed_form` and :meth:`redraw`.
+    In logit mode ``f`` is the additive logit bias, in mask mode the multiplicative mask.
     """
 
+    modes = ("logit", "mask")
     #: estimates ``f_hat`` can be negative (true for cosine features)
     signed: bool = True
 
     def __init__(self, pos_dim: int, num_heads: int, num_frequencies: int) -> None:
-        super().__init__()
-        for name, value in (
-            ("pos_dim", pos_dim),
-            ("num_heads", num_heads),
-            ("num_frequencies", num_frequencies),
-        ):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.pos_dim = pos_dim
-        self.num_heads = num_heads
+        super().__init__(pos_dim, num_heads)
+        _check_positive_ints(num_frequencies=num_frequencies)
         self.num_frequencies = num_frequencies
+
+    def kernel_input_dim(self, head_dim: int, mode: str) -> int:
+        return head_dim + self.num_features if mode == "logit" else head_dim
+
+    def featurizer(self, feature_map: FeatureMap, input_scale: float, mode: str) -> Featurizer:
+        if mode == "logit":
+            return LogitMode(feature_map, self, input_scale)
+        return MaskMode(feature_map, self, input_scale)
 
     @property
     def num_features(self) -> int:
