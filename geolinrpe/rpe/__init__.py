@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import RPE, FourierRPE
 from .kernel import ShiftInvariantKernelRPE
+from .plot import plot
 
 REGISTRY: dict[str, type[RPE]] = {
     "flt-kernel": ShiftInvariantKernelRPE,
@@ -29,4 +30,4 @@ def build(name: str, *, pos_dim: int, num_heads: int, **options) -> RPE:
         raise ValueError(f"bad option for rpe {name!r}: {err}") from err
 
 
-__all__ = ["REGISTRY", "RPE", "FourierRPE", "ShiftInvariantKernelRPE", "build", "names"]
+__all__ = ["REGISTRY", "RPE", "FourierRPE", "ShiftInvariantKernelRPE", "build", "names", "plot"]
