@@ -70,7 +70,9 @@ class RPEAttention(nn.Module):
         dense: ``x [b, n, c]``, ``pos [b, n, p]``, ``key_padding_mask [b, n]`` (True = padding)
         -> ``[b, n, c]`` (padded rows are 0 before the output projection);
         packed: ``x [n, c]``, ``pos [n, p]``, ``batch [n]`` (sorted graph ids; ``None`` = one
-        graph) -> ``[n, c]``.
+        graph) -> ``[n, c]``;
+        periodic RPEs also take ``cell [g, p, p]`` (one lattice per graph or batch row, rows are
+        lattice vectors).
 
     Invariances: permutation equivariant over the tokens of each graph (bidirectional);
     translation invariant in ``pos`` (exact in mask mode for every draw; exact in logit mode
@@ -171,7 +173,7 @@ class RPEAttention(nn.Module):
         return self.rpe.featurizer(self.feature_map, scale, self.mode)
 
     # ------------------------------------------------------------------ inputs
-    def _prepare(self, x, pos, batch, key_padding_mask):
+    def _prepare(self, x, pos, batch, key_padding_mask, cell):
         """Validate; return ``(q, k, v, pos)`` per head and the layout arguments."""
         check_floating("x", x)
         if x.dim() not in (2, 3):
@@ -204,8 +206,38 @@ class RPEAttention(nn.Module):
             check_same_device_dtype({"x": x, "pos": pos})
             if self.center_positions:
                 pos = _center(pos, batch, key_padding_mask)
+            pos = self.rpe.encode_positions(
+                pos,
+                batch=batch,
+                key_padding_mask=key_padding_mask,
+                cell=self._check_cell(cell, x, batch),
+            )
+        if self.rpe is None and cell is not None:
+            raise ValueError("cell is only used by periodic RPEs; this layer has rpe=None")
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         return q, k, v, pos, batch
+
+    def _check_cell(self, cell: Tensor | None, x: Tensor, batch: Tensor | None) -> Tensor | None:
+        """``cell [g, 3, 3]`` (rows are lattice vectors), one per graph; periodic RPEs only."""
+        if not self.rpe.periodic:
+            if cell is not None:
+                raise ValueError(
+                    f"cell is only used by periodic RPEs, not {type(self.rpe).__name__}"
+                )
+            return None
+        if cell is None:
+            raise ValueError(f"{type(self.rpe).__name__} is periodic: pass cell [g, 3, 3]")
+        check_floating("cell", cell)
+        graphs = x.shape[0] if batch is None else int(batch[-1]) + 1
+        want = [graphs, self.pos_dim, self.pos_dim]
+        if list(cell.shape) != want:
+            raise ValueError(
+                f"cell must have shape {want} (one cell per graph), got {list(cell.shape)}"
+            )
+        check_same_device_dtype({"x": x, "cell": cell})
+        if bool((torch.linalg.det(cell).abs() < 1e-12).any()):
+            raise ValueError("cell contains a singular (zero-volume) lattice")
+        return cell
 
     def forward(
         self,
@@ -213,9 +245,10 @@ class RPEAttention(nn.Module):
         pos: Tensor | None = None,
         batch: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
+        cell: Tensor | None = None,
     ) -> Tensor:
-        """Attend; see the class docstring for shapes."""
-        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask)
+        """Attend; see the class docstring for shapes (``cell`` only for periodic RPEs)."""
+        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask, cell)
         out = linear_attention(
             q,
             k,
@@ -239,6 +272,7 @@ class RPEAttention(nn.Module):
         key_padding_mask: Tensor | None = None,
         kernel: str = "features",
         rpe: str = "features",
+        cell: Tensor | None = None,
     ) -> Tensor:
         """O(n^2) counterpart of :meth:`forward` with the same parameters (for tests and baselines).
 
@@ -255,7 +289,7 @@ class RPEAttention(nn.Module):
         for name, value in (("kernel", kernel), ("rpe", rpe)):
             if value not in ("features", "exact"):
                 raise ValueError(f"{name} must be 'features' or 'exact', got {value!r}")
-        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask)
+        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask, cell)
         packed = batch is not None
         layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=self.causal)
         featurizer = self.featurizer

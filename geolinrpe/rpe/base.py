@@ -60,12 +60,29 @@ class RPE(nn.Module):
 
     #: combination modes this RPE supports (``"logit"``, ``"mask"``)
     modes: tuple[str, ...] = ()
+    #: needs a lattice ``cell`` per graph (periodic encodings)
+    periodic: bool = False
 
     def __init__(self, pos_dim: int, num_heads: int) -> None:
         super().__init__()
         _check_positive_ints(pos_dim=pos_dim, num_heads=num_heads)
         self.pos_dim = pos_dim
         self.num_heads = num_heads
+
+    def encode_positions(
+        self,
+        pos: Tensor,
+        *,
+        batch: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        cell: Tensor | None = None,
+    ) -> Tensor:
+        """Per-token tensor the featurizer and :meth:`pairwise` receive as ``pos``.
+
+        ``pos [..., n, p]`` (already centred by the layer); ``cell [g, p, p]`` for periodic
+        encodings (one per graph of ``batch``, or per row of a dense batch). Default: ``pos``.
+        """
+        return pos
 
     def kernel_input_dim(self, head_dim: int, mode: str) -> int:  # pragma: no cover - abstract
         """Input size of the kernel feature map in ``mode`` for queries of size ``head_dim``."""

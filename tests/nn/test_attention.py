@@ -246,6 +246,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         (dict(x=x, pos=pos, batch=torch.zeros(6, dtype=torch.long)), "batch is for packed"),
         (dict(x=x.int(), pos=pos), "x must be a floating"),
         (dict(x=torch.randn(2, 0, 120), pos=torch.randn(2, 0, 3)), "no tokens"),
+        (dict(x=x, pos=pos, cell=torch.eye(3).expand(2, 3, 3)), "only used by periodic"),
     ]
     xp, pp = torch.randn(6, 120), torch.randn(6, 3)
     cases += [
@@ -286,3 +287,9 @@ def test_bad_construction_raises_value_error_naming_the_option():
     for kwargs, match in cases:
         with pytest.raises(ValueError, match=match):
             RPEAttention(**kwargs)
+
+
+def test_cell_without_rpe_is_rejected():
+    attn = RPEAttention(8, 2)
+    with pytest.raises(ValueError, match="rpe=None"):
+        attn(torch.randn(4, 8), cell=torch.eye(3)[None])
