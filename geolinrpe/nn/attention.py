@@ -8,6 +8,8 @@ https://arxiv.org/abs/2302.01925) and the Performer (https://arxiv.org/abs/2009.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import Tensor, nn
 
@@ -22,7 +24,7 @@ from ..ops.exact import feature_attention, masked_kernel_attention, softmax_atte
 from ..ops.linear import NORMALIZATIONS, linear_attention
 from ..ops.modes import Featurizer, MaskMode
 from ..ops.packing import to_padded
-from ..rpe import RPE, build
+from ..rpe import REGISTRY, RPE, build
 
 MODES = ("logit", "mask")
 
@@ -61,7 +63,8 @@ class RPEAttention(nn.Module):
             ``f`` depends on differences only, so nothing changes in exact arithmetic; it
             keeps phases small for large coordinates and makes logit mode exactly
             translation invariant. Default: ``True`` unless ``causal`` (a causal layer must
-            not see future positions).
+            not see future positions) or the RPE is periodic (moving an atom by a lattice
+            vector moves the centroid by a non-lattice vector, which logit mode would see).
         chunk_size: tokens per chunk in the engine (default: automatic).
         bias: bias in the q/k/v and output projections.
         rpe_options: keyword options for :func:`geolinrpe.rpe.build` when ``rpe`` is a name.
@@ -105,14 +108,19 @@ class RPEAttention(nn.Module):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if normalize is None:
-            normalize = "masked" if mode == "logit" else "kernel"
-        if normalize not in NORMALIZATIONS:
-            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
         if isinstance(rpe, str):
             if pos_dim is None:
                 raise ValueError(f"pos_dim is required to build rpe={rpe!r}")
-            rpe = build(rpe, pos_dim=pos_dim, num_heads=num_heads, **(rpe_options or {}))
+            options = dict(rpe_options or {})
+            if "dim" in inspect.signature(REGISTRY.get(rpe, RPE)).parameters:
+                # families acting on vectors: the head dim (logit) or the kernel features (mask)
+                elementwise = isinstance(kernel, str) and kernel != "favor+"
+                head_dim = embed_dim // num_heads
+                features = head_dim if mode == "logit" or elementwise else num_features
+                options.setdefault(
+                    "dim", features if isinstance(kernel, str) else kernel.num_features
+                )
+            rpe = build(rpe, pos_dim=pos_dim, num_heads=num_heads, **options)
         elif rpe is not None and not isinstance(rpe, RPE):
             raise ValueError(f"rpe must be None, a name or an RPE, got {type(rpe).__name__}")
         if rpe is not None:
@@ -124,17 +132,30 @@ class RPEAttention(nn.Module):
                 raise ValueError(f"pos_dim={pos_dim} but the rpe has pos_dim={rpe.pos_dim}")
             if rpe.num_heads != num_heads:
                 raise ValueError(f"rpe has {rpe.num_heads} heads but num_heads={num_heads}")
-        if mode == "logit" and rpe is not None and normalize != "masked":
-            raise ValueError("logit mode is a softmax: normalize must be 'masked'")
+        if rpe is not None:
+            allowed = rpe.normalizations(mode)
+        else:
+            allowed = ("masked",) if mode == "logit" else NORMALIZATIONS
+        normalize = allowed[0] if normalize is None else normalize
+        if normalize not in allowed:
+            raise ValueError(
+                f"normalize must be one of {allowed} in {mode} mode here, got {normalize!r}"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         self.mode = mode
         self.causal = causal
         self.normalize = normalize
-        self.center_positions = (not causal) if center_positions is None else center_positions
+        if center_positions is None:  # centring moves atoms off lattice sites: not for cells
+            center_positions = not causal and not (rpe is not None and rpe.periodic)
+        self.center_positions = center_positions
         if self.center_positions and causal:
             raise ValueError("center_positions with causal=True would let tokens see the future")
+        if causal and rpe is not None and rpe.uses_whole_graph:
+            raise ValueError(
+                f"{type(rpe).__name__} encodes each token from its whole graph: not causal"
+            )
         self.chunk_size = chunk_size
         self.rpe = rpe
         self.pos_dim = None if rpe is None else rpe.pos_dim
@@ -152,10 +173,9 @@ class RPEAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        """Reset the projections; an RPE keeps its parameters (``rpe.reset_parameters()``)."""
         self.qkv.reset_parameters()
         self.out.reset_parameters()
-        if hasattr(self.rpe, "reset_parameters"):
-            self.rpe.reset_parameters()
 
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw new random kernel features and RPE frequencies."""
@@ -205,13 +225,14 @@ class RPEAttention(nn.Module):
                 raise ValueError(f"pos must have shape {want}, got {list(pos.shape)}")
             check_same_device_dtype({"x": x, "pos": pos})
             if self.center_positions:
-                pos = _center(pos, batch, key_padding_mask)
-            pos = self.rpe.encode_positions(
-                pos,
-                batch=batch,
-                key_padding_mask=key_padding_mask,
-                cell=self._check_cell(cell, x, batch),
-            )
+                pos = _center(pos, batch, key_padding_mask, self.rpe.integer_positions)
+            with torch.autocast(device_type=x.device.type, enabled=False):  # eigh, det, ...
+                pos = self.rpe.encode_positions(
+                    pos,
+                    batch=batch,
+                    key_padding_mask=key_padding_mask,
+                    cell=self._check_cell(cell, x, batch),
+                )
         if self.rpe is None and cell is not None:
             raise ValueError("cell is only used by periodic RPEs; this layer has rpe=None")
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
@@ -249,7 +270,8 @@ class RPEAttention(nn.Module):
     ) -> Tensor:
         """Attend; see the class docstring for shapes (``cell`` only for periodic RPEs)."""
         q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask, cell)
-        out = linear_attention(
+        attend = linear_attention if self.rpe is None else self.rpe.attend
+        out = attend(
             q,
             k,
             v,
@@ -334,15 +356,18 @@ def _kernel_from_features(featurizer: MaskMode, q: Tensor, k: Tensor) -> Tensor:
     return kmat
 
 
-def _center(pos: Tensor, batch: Tensor | None, key_padding_mask: Tensor | None) -> Tensor:
-    """Subtract each graph's (dense: each row's valid tokens') mean position."""
+def _center(
+    pos: Tensor, batch: Tensor | None, key_padding_mask: Tensor | None, integer: bool
+) -> Tensor:
+    """Subtract each graph's (dense: each row's valid tokens') mean position (rounded if
+    ``integer``, so integer positions stay integers)."""
     if batch is not None:
         dense, mask = to_padded(pos, batch)
         counts = (~mask).sum(1, keepdim=True).clamp_min(1)
-        mean = dense.sum(1) / counts
-        return pos - mean[batch]
-    if key_padding_mask is None:
-        return pos - pos.mean(1, keepdim=True)
-    valid = (~key_padding_mask).unsqueeze(-1).to(pos.dtype)
-    mean = (pos * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1)
-    return pos - mean
+        mean = (dense.sum(1) / counts)[batch]
+    elif key_padding_mask is None:
+        mean = pos.mean(1, keepdim=True)
+    else:
+        valid = (~key_padding_mask).unsqueeze(-1).to(pos.dtype)
+        mean = (pos * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1)
+    return pos - (mean.round() if integer else mean)

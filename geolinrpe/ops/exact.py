@@ -25,8 +25,8 @@ from torch import Tensor
 from .modes import Featurizer
 
 
-def _allowed(n: int, key_padding_mask, batch, causal, device) -> Tensor:
-    """Boolean ``[b or 1, 1, i, j]``: may query i attend to key j."""
+def allowed_pairs(n: int, key_padding_mask, batch, causal, device) -> Tensor:
+    """Boolean ``[b or 1, 1, i, j]``: may query i attend to key j (padding, graphs, causal)."""
     allowed = torch.ones(1, 1, n, n, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
         allowed = allowed & ~key_padding_mask[:, None, None, :]
@@ -72,7 +72,7 @@ def softmax_attention(
     logits = torch.einsum("bihd,bjhd->bhij", q, k) * scale
     if bias is not None:
         logits = logits + bias
-    allowed = _allowed(q.shape[1], key_padding_mask, batch, causal, q.device)
+    allowed = allowed_pairs(q.shape[1], key_padding_mask, batch, causal, q.device)
     logits = logits.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
     out = torch.einsum("bhij,bjhe->bihe", weights, v)
@@ -101,7 +101,7 @@ def masked_kernel_attention(
     if packed:
         kernel, v = kernel[None], v[None]
         mask = None if mask is None else mask[None]
-    allowed = _allowed(v.shape[1], key_padding_mask, batch, causal, v.device)
+    allowed = allowed_pairs(v.shape[1], key_padding_mask, batch, causal, v.device)
     kernel = kernel.masked_fill(~allowed, 0.0)
     weights = kernel if mask is None else kernel * mask
     out = torch.einsum("bhij,bjhe->bihe", weights, v)
@@ -132,10 +132,12 @@ def feature_attention(
     if packed:
         q, k, v = q[None], k[None], v[None]
         pos = None if pos is None else pos[None]
+    if key_padding_mask is not None and pos is not None:
+        pos = pos.masked_fill(key_padding_mask[..., None], 0)
     fq, fk = featurizer.query(q, pos), featurizer.key(k, pos)
     kernel = torch.einsum("bihr,bjhr->bhij", fq.phi, fk.phi)
     if fk.log_scale is not None:  # true features: phi * exp(log_scale); shift by a constant
-        allowed = _allowed(q.shape[1], key_padding_mask, batch, causal, q.device)
+        allowed = allowed_pairs(q.shape[1], key_padding_mask, batch, causal, q.device)
         key_scale = fk.log_scale.transpose(1, 2)[:, :, None, :]  # [b, h, 1, j]
         query_scale = fq.log_scale.transpose(1, 2)[..., None]  # [b, h, i, 1]
         total = (key_scale + query_scale).masked_fill(~allowed, float("-inf"))

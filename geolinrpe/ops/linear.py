@@ -160,6 +160,8 @@ def _check_inputs(q, k, v, pos, key_padding_mask, batch, packed, check_finite) -
 
 def _dense(q, k, v, pos, featurizer, key_padding_mask, causal, normalize, chunk_size) -> Tensor:
     valid = None if key_padding_mask is None else ~key_padding_mask
+    if valid is not None and pos is not None:  # featurizers never see padding's positions
+        pos = pos.masked_fill(key_padding_mask[..., None], 0)
     if causal:
         out = _causal(q, k, v, pos, featurizer, valid, normalize, chunk_size or CAUSAL_CHUNK)
     else:

@@ -1,17 +1,55 @@
 """Relative positional encodings ``f(r_i - r_j)`` for linear attention.
 
 ``build(name, pos_dim=..., num_heads=..., **options)`` makes one by registry name;
-``names()`` lists them.
+``names()`` lists them; ``plot(module, path)`` saves a learned ``f`` as PNG.
+
+=====================  ==========================================================  ==============
+name                   family                                                      modes
+=====================  ==========================================================  ==============
+``flt-kernel``         FLT: Gaussian / Laplace / Matern / Cauchy kernel spectra    logit, mask
+``flt-gm``             FLT: learned Gaussian-mixture spectrum                      logit, mask
+``flt-mlp``            FLT: learned spectral density (MLP) against a proposal      logit, mask
+``flt-local``          FLT: 1D local window (smoothed box, sinc spectrum)          logit, mask
+``flt-radial``         FLT: 3D radial spectrum, optional exact canonical frame     logit, mask
+``flt-periodic``       FLT: lattice-periodic (crystals, slabs), needs ``cell``     logit, mask
+``spe-sine``           SPE (Liutkus et al. 2021), sinusoidal kernels               mask
+``spe-conv``           SPE, convolutional (1D/2D integer grids)                    mask
+``lrpe-unitary``       LRPE (Qin et al. 2023), complex rotation                    logit, mask
+``lrpe-orthogonal``    LRPE, Householder-conjugated rotation                       logit, mask
+``lrpe-permutation``   LRPE, permutation powers (1D integer positions)             logit, mask
+``rope``               RoPE, 1D and axial 2D/3D                                    logit, mask
+``string``             STRING (Cayley form)                                        logit, mask
+=====================  ==========================================================  ==============
 """
 
 from __future__ import annotations
 
 from .base import RPE, FourierRPE
 from .kernel import ShiftInvariantKernelRPE
+from .local import LocalRPE
+from .lrpe import OrthogonalLRPE, PermutationLRPE, UnitaryLRPE
+from .mixture import GaussianMixtureRPE
+from .periodic import PeriodicRPE
 from .plot import plot
+from .radial import RadialRPE
+from .rotary import STRING, RoPE
+from .spe import ConvSPE, SineSPE
+from .spectral_mlp import SpectralMLPRPE
 
 REGISTRY: dict[str, type[RPE]] = {
     "flt-kernel": ShiftInvariantKernelRPE,
+    "flt-gm": GaussianMixtureRPE,
+    "flt-mlp": SpectralMLPRPE,
+    "flt-local": LocalRPE,
+    "flt-radial": RadialRPE,
+    "flt-periodic": PeriodicRPE,
+    "spe-sine": SineSPE,
+    "spe-conv": ConvSPE,
+    "lrpe-unitary": UnitaryLRPE,
+    "lrpe-orthogonal": OrthogonalLRPE,
+    "lrpe-permutation": PermutationLRPE,
+    "rope": RoPE,
+    "string": STRING,
 }
 
 
@@ -26,8 +64,28 @@ def build(name: str, *, pos_dim: int, num_heads: int, **options) -> RPE:
         raise ValueError(f"unknown rpe {name!r}; choose one of {names()}")
     try:
         return REGISTRY[name](pos_dim=pos_dim, num_heads=num_heads, **options)
-    except TypeError as err:  # unknown keyword
+    except TypeError as err:  # unknown or missing keyword
         raise ValueError(f"bad option for rpe {name!r}: {err}") from err
 
 
-__all__ = ["REGISTRY", "RPE", "FourierRPE", "ShiftInvariantKernelRPE", "build", "names", "plot"]
+__all__ = [
+    "REGISTRY",
+    "RPE",
+    "STRING",
+    "ConvSPE",
+    "FourierRPE",
+    "GaussianMixtureRPE",
+    "LocalRPE",
+    "OrthogonalLRPE",
+    "PeriodicRPE",
+    "PermutationLRPE",
+    "RadialRPE",
+    "RoPE",
+    "ShiftInvariantKernelRPE",
+    "SineSPE",
+    "SpectralMLPRPE",
+    "UnitaryLRPE",
+    "build",
+    "names",
+    "plot",
+]

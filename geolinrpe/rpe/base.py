@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..features.base import FeatureMap
+from ..ops.linear import linear_attention
 from ..ops.modes import Featurizer, LogitMode, MaskMode
 
 #: softening of the symmetric split, ``t = (a^2 + SPLIT_SOFTENING^2)^(1/4)``
@@ -62,6 +63,26 @@ class RPE(nn.Module):
     modes: tuple[str, ...] = ()
     #: needs a lattice ``cell`` per graph (periodic encodings)
     periodic: bool = False
+    #: positions must be integers (the layer centres them by a rounded mean)
+    integer_positions: bool = False
+    #: the encoding of a token depends on all tokens of its graph (not allowed with causal)
+    uses_whole_graph: bool = False
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor | None, **options) -> Tensor:
+        """O(n) attention with this encoding; ``options`` as for
+        :func:`~geolinrpe.ops.linear_attention` (``featurizer``, layout, ``causal``,
+        ``normalize``, ``chunk_size``, ``check_finite``). Default: the chunked engine;
+        families with their own algorithm (FFT Toeplitz) override it."""
+        return linear_attention(q, k, v, pos, **options)
+
+    def normalizations(self, mode: str) -> tuple[str, ...]:
+        """Normalisations valid in ``mode``; the first is the layer's default.
+
+        Logit mode is a softmax (``"masked"``); in mask mode ``"kernel"`` (safe with signed
+        estimates) is the default. Families whose features carry no separate mask override
+        this, because for them the engine's ``"kernel"`` denominator is not the unmasked one.
+        """
+        return ("masked",) if mode == "logit" else ("kernel", "masked", "none")
 
     def __init__(self, pos_dim: int, num_heads: int) -> None:
         super().__init__()

@@ -1,12 +1,41 @@
 r"""FLT RPE from a shift-invariant kernel with learnable per-head bandwidth and amplitude.
 
-``f_h(Delta) = a_h k(|Delta| / l_h)``; its spectral density is sampled by
-reparametrisation, ``xi = eps / (2 pi l_h)`` with fixed ``eps``, so gradients reach ``l_h``
-through the frequencies and the importance weights are the constant ``a_h``.
+``f_h(Delta) = a_h k(|Delta| / l_h)`` for a positive-definite radial profile ``k`` with
+``k(0) = 1``. By Bochner's theorem ``k`` is the Fourier transform of a probability density,
+``k(|Delta| / l) = E_xi[cos(2 pi xi . Delta)]``, so the frequencies are drawn from the
+kernel's own spectral density and the importance weights are the constant ``a_h``.
 
-Kernels:
+Every spectral density used here is a Gaussian scale mixture, sampled by
+reparametrisation: ``xi = eps / (2 pi l_h)`` with fixed base noise ``eps = z sqrt(v)``,
+``z ~ N(0, I_p)`` and a positive mixing variable ``v`` (a buffer), so gradients reach
+``l_h`` through the frequencies and the estimate is exactly
+``f_hat(Delta) = a_h m^-1 sum_l cos(eps_l . Delta / l_h)`` for every draw.
 
-* ``"gaussian"``: ``k(u) = exp(-u^2 / 2)``, spectral density ``N(0, (2 pi l)^-2 I)``.
+Kernels (``r = |Delta|``, spectral densities in the convention
+``f(Delta) = \int g(xi) exp(2 pi i xi . Delta) dxi``, in any dimension ``p``):
+
+* ``"gaussian"``: ``k = exp(-r^2 / (2 l^2))``; ``g = N(0, (2 pi l)^-2 I)``; ``v = 1``.
+* ``"laplace"`` (Matern-1/2): ``k = exp(-r / l)``;
+  ``g ~ (1 + 4 pi^2 l^2 |xi|^2)^(-(p+1)/2)``, a multivariate Cauchy (Student-t with 1
+  degree of freedom) scaled by ``1 / (2 pi l)``; ``v = 1 / u``, ``u ~ chi^2_1``.
+* ``"matern32"``: ``k = (1 + sqrt(3) r / l) exp(-sqrt(3) r / l)``;
+  ``g ~ (3 / l^2 + 4 pi^2 |xi|^2)^(-(p+3)/2)``, a Student-t with 3 degrees of freedom;
+  ``v = 3 / u``, ``u ~ chi^2_3``.
+* ``"matern52"``: ``k = (1 + sqrt(5) r / l + 5 r^2 / (3 l^2)) exp(-sqrt(5) r / l)``;
+  Student-t with 5 degrees of freedom; ``v = 5 / u``, ``u ~ chi^2_5``.
+* ``"cauchy"``: ``k = 1 / (1 + r^2 / l^2)``. Since ``1 / (1 + s) = E_t[exp(-t s)]`` with
+  ``t ~ Exp(1)``, ``k`` is a Gaussian kernel of random bandwidth ``l / sqrt(2 t)``:
+  ``v = 2 t``. The spectral density is ``~ |xi|^(1-p/2) K_(p/2-1)(2 pi l |xi|)``, which is
+  ``~ exp(-2 pi l |xi|)`` only for ``p = 1``. (A radius ``~ Gamma(p, 1 / (2 pi l))`` times a
+  uniform direction has density ``~ exp(-2 pi l |xi|)`` in ``p`` dimensions, the spectrum
+  of ``(1 + r^2 / l^2)^(-(p+1)/2)``: the Cauchy kernel only for ``p = 1``.)
+
+The Student-t mixtures follow from the Matern spectral density
+``g ~ (2 nu / l^2 + 4 pi^2 |xi|^2)^(-(nu + p/2))``: a multivariate t with ``2 nu``
+degrees of freedom, ``z / sqrt(u / (2 nu))`` with ``u ~ chi^2_(2 nu)``, scaled by
+``1 / (2 pi l)``. Heavy-tailed spectra (Laplace, Cauchy) give occasional very large
+frequencies; their cosines are still bounded by 1, so the estimate's variance is at most
+``a^2 / m`` for every kernel.
 
 Axes: ``...`` leading axes, p position dim, h heads, m frequencies.
 """
@@ -21,20 +50,35 @@ from torch import Tensor, nn
 from ..features.positive_random import gaussian_orthogonal_matrix
 from .base import FourierRPE
 
-KERNELS = ("gaussian",)
+KERNELS = ("gaussian", "laplace", "matern32", "matern52", "cauchy")
+#: degrees of freedom ``2 nu`` of the Student-t spectral density of each Matern kernel
+_STUDENT_DOF = {"laplace": 1, "matern32": 3, "matern52": 5}
 
 
 class ShiftInvariantKernelRPE(FourierRPE):
-    r"""``f_h(Delta) = amplitude_h exp(-|Delta|^2 / (2 lengthscale_h^2))`` (``"flt-kernel"``).
+    r"""``f_h(Delta) = amplitude_h k(|Delta| / lengthscale_h)`` (``"flt-kernel"``).
+
+    FourierLearner-Transformer RPE with a shift-invariant kernel mask, from Choromanski et
+    al., `"Learning a Fourier Transform for Linear Relative Positional Encodings in
+    Transformers" <https://arxiv.org/abs/2302.01925>`_ (AISTATS 2024). See the module
+    docstring for the kernels ``k``, their spectral densities and the samplers.
+
+    .. math::
+
+        \hat f_h(\Delta) = \frac{a_h}{m} \sum_{l=1}^m \cos(2 \pi \xi_{hl} \cdot \Delta),
+        \qquad \xi_{hl} = \frac{\epsilon_{hl}}{2 \pi l_h}
 
     Args:
         pos_dim: position dimension ``p`` (any positive int).
         num_heads: number of heads ``h``.
         num_frequencies: frequencies ``m`` per head (default 16).
-        kernel: ``"gaussian"``.
+        kernel: ``"gaussian"`` (default), ``"laplace"``, ``"matern32"``, ``"matern52"`` or
+            ``"cauchy"``.
         lengthscale: initial bandwidth ``l`` in position units (default 1.0).
         amplitude: initial ``a`` (default 1.0; use 0.0 for a neutral logit-mode bias).
-        orthogonal: draw the base frequencies in orthogonal blocks (default ``True``).
+        orthogonal: draw the Gaussian part ``z`` of the base frequencies in orthogonal
+            blocks (default ``True``); the mixing variables stay independent, so each
+            frequency keeps its marginal distribution.
 
     Shapes:
         ``spectrum()`` -> ``xi [h, m, p]``, ``weight [h, m]``;
@@ -73,18 +117,23 @@ class ShiftInvariantKernelRPE(FourierRPE):
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
-        eps = torch.stack(
-            [
-                gaussian_orthogonal_matrix(
-                    self.num_frequencies,
-                    self.pos_dim,
-                    orthogonal=self.orthogonal,
-                    generator=generator,
-                )
-                for _ in range(self.num_heads)
-            ]
-        )
+        eps = torch.stack([self._base_noise(generator) for _ in range(self.num_heads)])
         self.base_frequencies.copy_(eps.to(self.base_frequencies))
+
+    def _base_noise(self, generator: torch.Generator | None) -> Tensor:
+        """``eps = z sqrt(v)`` for one head: ``[m, p]`` in float64 (see the module docstring)."""
+        m, p = self.num_frequencies, self.pos_dim
+        z = gaussian_orthogonal_matrix(
+            m, p, orthogonal=self.orthogonal, generator=generator, dtype=torch.float64
+        )
+        if self.kernel == "gaussian":
+            return z
+        if self.kernel == "cauchy":
+            t = torch.empty(m, 1, dtype=torch.float64).exponential_(generator=generator)
+            return z * (2 * t).sqrt()
+        dof = _STUDENT_DOF[self.kernel]
+        u = torch.randn(m, dof, generator=generator, dtype=torch.float64).pow(2).sum(-1)
+        return z * (dof / u).sqrt()[:, None]
 
     @property
     def lengthscale(self) -> Tensor:
@@ -98,7 +147,21 @@ class ShiftInvariantKernelRPE(FourierRPE):
     def closed_form(self, delta: Tensor) -> Tensor:
         sq = delta.pow(2).sum(-1, keepdim=True)  # [..., 1]
         ls = self.lengthscale.to(delta.dtype)
-        return self.amplitude.to(delta.dtype) * torch.exp(-sq / (2 * ls**2))
+        amplitude = self.amplitude.to(delta.dtype)
+        if self.kernel == "gaussian":
+            return amplitude * torch.exp(-sq / (2 * ls**2))
+        if self.kernel == "cauchy":
+            return amplitude / (1 + sq / ls**2)
+        # |Delta| with a zero (not NaN) gradient at Delta = 0
+        positive = sq > 0
+        r = torch.where(positive, torch.where(positive, sq, 1).sqrt(), 0) / ls
+        if self.kernel == "laplace":
+            return amplitude * torch.exp(-r)
+        if self.kernel == "matern32":
+            s = math.sqrt(3) * r
+            return amplitude * (1 + s) * torch.exp(-s)
+        s = math.sqrt(5) * r  # matern52
+        return amplitude * (1 + s + s**2 / 3) * torch.exp(-s)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", kernel={self.kernel!r}"

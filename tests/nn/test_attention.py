@@ -276,7 +276,7 @@ def test_bad_construction_raises_value_error_naming_the_option():
         (dict(embed_dim=8, num_heads=2, rpe="flt-kernel", pos_dim=3, kernel="relu"), "favor"),
         (
             dict(embed_dim=8, num_heads=2, rpe="flt-kernel", pos_dim=3, normalize="kernel"),
-            "softmax",
+            "normalize must be one of",
         ),
         (dict(embed_dim=8, num_heads=2, normalize="l2"), "normalize"),
         (dict(embed_dim=8, num_heads=2, num_features=0), "num_features"),
