@@ -171,9 +171,9 @@ class PermutationLRPE(LRPE):
     cycle lengths: offsets that differ by it are indistinguishable.
 
     Positions must be integers (``pos_dim = 1``); fractional positions raise ``ValueError``.
-    Padded slots must hold integers too (zeros, as :func:`~geolinrpe.ops.to_padded` writes).
-    With :class:`~geolinrpe.nn.RPEAttention` pass ``center_positions=False`` (centring
-    subtracts a fractional mean); translation invariance under integer shifts is then exact.
+    Padded slots must hold integers too (the engine zeroes them). ``RPEAttention``
+    centres integer positions by a rounded mean (``integer_positions``), so they stay integers
+    and translation invariance under integer shifts is exact.
 
     Args:
         pos_dim: must be 1.
@@ -184,6 +184,8 @@ class PermutationLRPE(LRPE):
     Shapes:
         ``transform(x [..., h, d], pos [..., 1])`` -> ``[..., h, d]``.
     """
+
+    integer_positions = True
 
     def __init__(self, pos_dim: int, num_heads: int, dim: int, seed: int | None = None) -> None:
         if pos_dim != 1:
@@ -242,7 +244,7 @@ class PermutationLRPE(LRPE):
             if not bool(torch.isfinite(steps).all()) or bool((steps != steps.round()).any()):
                 raise ValueError(
                     "PermutationLRPE needs integer positions (P^s is undefined for fractional s); "
-                    "padded slots too. With RPEAttention pass center_positions=False."
+                    "padded slots too."
                 )
             steps = steps.round().long()
         return torch.gather(x, -1, self.power_index(steps))

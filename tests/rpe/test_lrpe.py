@@ -347,7 +347,11 @@ def test_bad_options_raise_value_error_naming_the_option():
     for make, match in cases:
         with pytest.raises(ValueError, match=match):
             make()
-    # RPEAttention centres positions by default: fractional positions reach P^s
+    # RPEAttention centres integer positions by a rounded mean: they stay integers, and
+    # fractional positions are rejected
     attn = RPEAttention(16, 2, rpe=PermutationLRPE(1, 2, 8), mode="mask", kernel="elu")
-    with pytest.raises(ValueError, match="center_positions=False"):
+    assert torch.isfinite(
         attn(torch.randn(1, 4, 16), torch.tensor([[[0.0], [1.0], [2.0], [4.0]]]))
+    ).all()
+    with pytest.raises(ValueError, match="integer positions"):
+        attn(torch.randn(1, 4, 16), torch.tensor([[[0.0], [1.5], [2.0], [4.0]]]))
