@@ -43,7 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .rotary import AxialRotation, OrthogonalMapRPE
+from .rotary import AxialRotation, OrthogonalMapRPE, RoPE
 
 
 class LRPE(OrthogonalMapRPE):
@@ -56,7 +56,7 @@ class LRPE(OrthogonalMapRPE):
     """
 
 
-class UnitaryLRPE(LRPE):
+class UnitaryLRPE(RoPE, LRPE):
     r"""Unitary LRPE: complex rotation of feature pairs (``"lrpe-unitary"``).
 
     Qin et al., TMLR 2023, https://arxiv.org/abs/2307.09270, unitary solution.
@@ -84,24 +84,7 @@ class UnitaryLRPE(LRPE):
         ``transform(x [..., h, d], pos [..., p])`` -> ``[..., h, d]``.
     """
 
-    def __init__(
-        self,
-        pos_dim: int,
-        num_heads: int,
-        dim: int,
-        base: float = 10000.0,
-        learnable: bool = False,
-    ) -> None:
-        super().__init__(pos_dim, num_heads, dim)
-        self.rotation = AxialRotation(pos_dim, num_heads, dim, base, learnable)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self.rotation.reset_parameters()
-
-    def transform(self, x: Tensor, pos: Tensor) -> Tensor:
-        self._check_transform_inputs(x, pos)
-        return self.rotation(x, pos)
+    # the same map as RoPE; in mask mode it acts on kernel features, as in the LRPE paper
 
 
 class OrthogonalLRPE(LRPE):
