@@ -20,7 +20,7 @@ from ..ops.checks import (
     check_key_padding_mask,
     check_same_device_dtype,
 )
-from ..ops.exact import feature_attention, masked_kernel_attention, softmax_attention
+from ..ops.exact import feature_attention, kernel_matrix, masked_kernel_attention
 from ..ops.linear import NORMALIZATIONS, linear_attention
 from ..ops.modes import Featurizer, MaskMode
 from ..ops.packing import to_padded
@@ -312,29 +312,30 @@ class RPEAttention(nn.Module):
             if value not in ("features", "exact"):
                 raise ValueError(f"{name} must be 'features' or 'exact', got {value!r}")
         q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask, cell)
-        packed = batch is not None
         layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=self.causal)
-        featurizer = self.featurizer
+        featurizer, normalize = self.featurizer, self.normalize
         if kernel == "features" and (self.rpe is None or rpe == "features"):
             out = feature_attention(
-                q, k, v, pos, featurizer=featurizer, normalize=self.normalize, **layout
+                q, k, v, pos, featurizer=featurizer, normalize=normalize, **layout
             )
-            return self.out(out.flatten(-2))
-        unpack = (lambda t: t[0]) if packed else (lambda t: t)  # noqa: E731
-        dense = (lambda t: t[None]) if packed else (lambda t: t)  # noqa: E731
-        bias = None
-        if self.rpe is not None:
-            bias = unpack(self.rpe.pairwise(dense(pos), exact=rpe == "exact"))
-        if self.mode == "logit" and self.rpe is not None:
-            if kernel != "exact":
-                raise ValueError("logit mode has no kernel='features' reference with rpe='exact'")
-            out = softmax_attention(q, k, v, bias, **layout)
+        elif self.rpe is None:
+            dense = (lambda t: t[None]) if batch is not None else (lambda t: t)  # noqa: E731
+            kmat = kernel_matrix(featurizer, dense(q), dense(k), exact=True)
+            kmat = kmat[0] if batch is not None else kmat
+            out = masked_kernel_attention(kmat, v, None, normalize="masked", **layout)
         else:
-            if kernel == "exact":
-                kmat = featurizer.kernel(dense(q), dense(k))
-            else:
-                kmat = _kernel_from_features(featurizer, dense(q), dense(k))
-            out = masked_kernel_attention(unpack(kmat), v, bias, normalize=self.normalize, **layout)
+            out = self.rpe.reference_attention(
+                q,
+                k,
+                v,
+                pos,
+                featurizer=featurizer,
+                mode=self.mode,
+                normalize=normalize,
+                kernel=kernel,
+                rpe=rpe,
+                **layout,
+            )
         return self.out(out.flatten(-2))
 
     def extra_repr(self) -> str:
@@ -342,18 +343,6 @@ class RPEAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, mode={self.mode!r}, "
             f"normalize={self.normalize!r}, causal={self.causal}"
         )
-
-
-def _kernel_from_features(featurizer: MaskMode, q: Tensor, k: Tensor) -> Tensor:
-    """``[b, h, i, j]`` kernel estimate from the random features, up to a per-row constant."""
-    (phi_q, _), (phi_k, key_scale) = (
-        featurizer.feature_map(t * featurizer.input_scale) for t in (q, k)
-    )
-    kmat = torch.einsum("bihr,bjhr->bhij", phi_q, phi_k)
-    if key_scale is not None:
-        ls = key_scale.transpose(1, 2)[:, :, None, :]
-        kmat = kmat * torch.exp(ls - ls.amax(-1, keepdim=True))
-    return kmat
 
 
 def _center(

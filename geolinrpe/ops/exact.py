@@ -160,3 +160,21 @@ def feature_attention(
         causal=causal,
         normalize=normalize,
     )
+
+
+def kernel_matrix(featurizer, q: Tensor, k: Tensor, exact: bool) -> Tensor:
+    """Kernel ``[b, h, i, j]`` of a featurizer's feature map on ``q, k [b, n, h, d]``.
+
+    ``exact=True``: the kernel the map estimates (``exp(q.k/sqrt(d))`` for FAVOR+);
+    otherwise the current random features' estimate, up to a per-row constant (which
+    cancels in normalised attention).
+    """
+    fm, scale = featurizer.feature_map, featurizer.input_scale
+    if exact:
+        return fm.kernel((q * scale).transpose(1, 2), (k * scale).transpose(1, 2))
+    (phi_q, _), (phi_k, key_scale) = (fm(t * scale) for t in (q, k))
+    kmat = torch.einsum("bihr,bjhr->bhij", phi_q, phi_k)
+    if key_scale is not None:
+        ls = key_scale.transpose(1, 2)[:, :, None, :]
+        kmat = kmat * torch.exp(ls - ls.amax(-1, keepdim=True))
+    return kmat

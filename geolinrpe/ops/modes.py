@@ -96,8 +96,9 @@ class MaskMode:
 
     def kernel(self, q: Tensor, k: Tensor) -> Tensor:
         """Exact kernel ``[b, h, i, j]`` of ``q [b, i, h, d]``, ``k [b, j, h, d]``."""
-        s = self.input_scale
-        return self.feature_map.kernel((q * s).transpose(1, 2), (k * s).transpose(1, 2))
+        from .exact import kernel_matrix
+
+        return kernel_matrix(self, q, k, exact=True)
 
 
 class LogitMode:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..features.base import FeatureMap
+from ..ops.exact import kernel_matrix, masked_kernel_attention, softmax_attention
 from ..ops.linear import linear_attention
 from ..ops.modes import Featurizer, LogitMode, MaskMode
 
@@ -118,6 +119,41 @@ class RPE(nn.Module):
     def pairwise(self, pos: Tensor, exact: bool = False) -> Tensor:  # pragma: no cover
         """Dense ``f(r_i - r_j)``: ``pos [b, n, p]`` -> ``[b, h, i, j]`` (O(n^2), references)."""
         raise NotImplementedError
+
+    def reference_attention(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        pos: Tensor,
+        *,
+        featurizer: Featurizer,
+        mode: str,
+        normalize: str,
+        kernel: str = "exact",
+        rpe: str = "exact",
+        key_padding_mask: Tensor | None = None,
+        batch: Tensor | None = None,
+        causal: bool = False,
+    ) -> Tensor:
+        """O(n^2) attention with this encoding (what ``RPEAttention.reference`` calls).
+
+        ``kernel``/``rpe``: ``"exact"`` (the kernel, resp. ``f``, that the features
+        estimate) or ``"features"`` (the current draws). Default: the dense ``f`` of
+        :meth:`pairwise` as a logit bias (logit mode, exact softmax kernel) or as a mask
+        on the kernel (mask mode). Same layouts as :func:`~geolinrpe.ops.linear_attention`.
+        """
+        packed = batch is not None
+        dense = (lambda t: t[None]) if packed else (lambda t: t)  # noqa: E731
+        unpack = (lambda t: t[0]) if packed else (lambda t: t)  # noqa: E731
+        layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=causal)
+        values = unpack(self.pairwise(dense(pos), exact=rpe == "exact"))
+        if mode == "logit":
+            if kernel != "exact":
+                raise ValueError("logit mode has no kernel='features' reference with rpe='exact'")
+            return softmax_attention(q, k, v, values, **layout)
+        kmat = unpack(kernel_matrix(featurizer, dense(q), dense(k), exact=kernel == "exact"))
+        return masked_kernel_attention(kmat, v, values, normalize=normalize, **layout)
 
     def redraw(self, generator: torch.Generator | None = None) -> None:  # pragma: no cover
         """Draw new random quantities (no-op for deterministic encodings)."""

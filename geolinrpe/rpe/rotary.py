@@ -172,6 +172,45 @@ class OrthogonalMapRPE(RPE):
             "(logit mode) or geolinrpe.rpe.rotary.rotary_kernel_reference (mask mode)."
         )
 
+    def reference_attention(
+        self,
+        q,
+        k,
+        v,
+        pos,
+        *,
+        featurizer,
+        mode,
+        normalize,
+        kernel="exact",
+        rpe="exact",
+        key_padding_mask=None,
+        batch=None,
+        causal=False,
+    ):
+        """Exact O(n^2) target: :func:`rotary_softmax_reference` (logit mode, needs
+        ``kernel="exact"``) or :func:`rotary_kernel_reference` on the layer's kernel features
+        (mask mode; ``kernel="exact"`` only for deterministic maps). The map ``M`` is exact
+        either way, so ``rpe`` makes no difference."""
+        layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=causal)
+        if mode == "logit":
+            if kernel != "exact":
+                raise ValueError("logit mode: the reference is the exact softmax (kernel='exact')")
+            return rotary_softmax_reference(q, k, v, pos, self, **layout)
+        if kernel == "exact" and featurizer.feature_map.random:
+            raise ValueError("mask mode with random features: use kernel='features'")
+        return rotary_kernel_reference(
+            q,
+            k,
+            v,
+            pos,
+            self,
+            featurizer.feature_map,
+            input_scale=featurizer.input_scale,
+            normalize=normalize,
+            **layout,
+        )
+
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """No-op: the encoding holds no random draws that are renewed in training."""
 

@@ -146,6 +146,43 @@ class SPE(RPE):
             "use code_kernel() or spe_reference()"
         )
 
+    def reference_attention(
+        self,
+        q,
+        k,
+        v,
+        pos,
+        *,
+        featurizer,
+        mode,
+        normalize,
+        kernel="exact",
+        rpe="exact",
+        key_padding_mask=None,
+        batch=None,
+        causal=False,
+    ):
+        """Exact O(n^2) SPE target (:func:`spe_reference`, the analytic ``P_d``) on the
+        layer's kernel features; ``rpe="features"`` (the realised codes) is the layer's
+        explicit-feature form, and ``kernel="exact"`` needs a deterministic feature map."""
+        if rpe != "exact":
+            raise ValueError("SPE: rpe='features' is reference(kernel='features', rpe='features')")
+        if kernel == "exact" and featurizer.feature_map.random:
+            raise ValueError("SPE with random kernel features: use kernel='features'")
+        return spe_reference(
+            q,
+            k,
+            v,
+            pos,
+            self,
+            featurizer.feature_map,
+            input_scale=featurizer.input_scale,
+            key_padding_mask=key_padding_mask,
+            batch=batch,
+            causal=causal,
+            normalize=normalize,
+        )
+
     def encode_positions(
         self,
         pos: Tensor,

@@ -355,9 +355,10 @@ def test_bad_options_raise_value_error_naming_the_option():
     for make, match in cases:
         with pytest.raises(ValueError, match=match):
             make()
-    # the layer's exact reference needs a scalar f: it points to the functions here
+    # the layer's exact reference dispatches to the functions here: with a deterministic
+    # kernel (elu) mask mode has no estimation error at all
     attn = rope_layer("mask")
-    with pytest.raises(ValueError, match="no scalar f"):
-        attn.reference(
-            torch.randn(1, 4, 24, dtype=D64), torch.randn(1, 4, 3, dtype=D64), kernel="exact"
-        )
+    x, pos = torch.randn(1, 4, 24, dtype=D64), torch.randn(1, 4, 3, dtype=D64)
+    torch.testing.assert_close(attn.reference(x, pos, kernel="exact"), attn(x, pos))
+    with pytest.raises(ValueError, match="kernel='features'"):
+        rope_layer("mask", kernel="favor+", normalize="none").reference(x, pos, kernel="exact")

@@ -393,10 +393,13 @@ def test_bad_usage_raises():
     with pytest.raises(NotImplementedError, match="code_kernel"):
         spe.pairwise(torch.zeros(1, 4, 1))
     layer = RPEAttention(8, 2, rpe=make_spe("sine"), mode="mask", kernel="elu").double()
-    with pytest.raises(NotImplementedError, match="spe_reference"):  # no single mask f
-        layer.reference(
-            torch.randn(1, 4, 8, dtype=D64), torch.zeros(1, 4, 1, dtype=D64), rpe="exact"
-        )
+    # the layer's exact reference is spe_reference: independent of the noise draw
+    x, pos = torch.randn(1, 4, 8, dtype=D64), torch.arange(4, dtype=D64).view(1, 4, 1)
+    exact = layer.reference(x, pos, rpe="exact")
+    layer.redraw()
+    torch.testing.assert_close(layer.reference(x, pos, rpe="exact"), exact)
+    with pytest.raises(ValueError, match="rpe='features'"):
+        layer.reference(x, pos, kernel="exact", rpe="features")
     with pytest.raises(ValueError, match="modes"):
         RPEAttention(8, 2, rpe=make_spe("sine", channels=4), mode="logit")
     attn = RPEAttention(8, 2, rpe=make_spe("conv1d", channels=4, grid=8), mode="mask", kernel="elu")
