@@ -314,7 +314,8 @@ class RPEAttention(nn.Module):
         q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask, cell)
         layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=self.causal)
         featurizer, normalize = self.featurizer, self.normalize
-        if kernel == "features" and (self.rpe is None or rpe == "features"):
+        engine = self.rpe is None or (rpe == "features" and self.rpe.uses_engine)
+        if kernel == "features" and engine:
             out = feature_attention(
                 q, k, v, pos, featurizer=featurizer, normalize=normalize, **layout
             )

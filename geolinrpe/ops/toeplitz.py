@@ -40,11 +40,15 @@ Stabilisation: exponential feature maps give per-token ``log_scale`` (true featu
 per-(sequence, head) maximum over valid keys, and the kernel as ``exp(b - max b)`` per head;
 both constants cancel in the masked ratio and are multiplied back with ``"none"``.
 
-Precision: the FFT's rounding error is relative to the largest terms of each convolution
-(about ``eps log G max|c| sum|U|``), not to each output. Outputs whose weights are all many
-orders of magnitude below the largest kernel value (a learned bias spanning more than
-``-log eps``, about 16 in float32) lose relative accuracy; float16/bfloat16 inputs are
-computed in float32.
+Precision: the FFT's rounding error is relative to the largest values of each
+convolution (about ``eps log G`` times them), not to each output, so an output whose sums
+are much smaller than the largest ones loses relative accuracy. Bidirectional sums have
+similar sizes (float32 vs the float64 reference: ``3e-8`` max abs error at ``n = 4096``),
+but causal prefix sums grow along the sequence: early tokens' sums are ``~n`` times smaller
+than the last ones (float32 FFTs gave ``1.5e-3`` max abs error at ``n = 4096``), so causal
+convolutions always run in float64 (about 2x the time of float32). Large dynamic ranges of
+a learned bias (``exp(b)`` spanning more than ``1 / eps``) have the same effect.
+float16/bfloat16 inputs are computed in float32.
 """
 
 from __future__ import annotations
@@ -103,9 +107,18 @@ def toeplitz_attention(
         weights are all zero (0/0 := 0).
     """
     grid_shape = _check_args(
-        phi_q, phi_k, v, bias, grid_pos, grid_shape, query_log_scale, key_log_scale,
-        key_padding_mask, causal, normalize,
-    )  # fmt: skip
+        phi_q,
+        phi_k,
+        v,
+        bias,
+        grid_pos,
+        grid_shape,
+        query_log_scale,
+        key_log_scale,
+        key_padding_mask,
+        causal,
+        normalize,
+    )
     out_dtype = v.dtype
     b, n, h, r = phi_q.shape
     if n == 0:
@@ -116,9 +129,12 @@ def toeplitz_attention(
     valid = None if key_padding_mask is None else ~key_padding_mask
     phi_k, key_shift = _stabilise_keys(phi_k, key_log_scale, valid)
     fft_shape = tuple(_fft_size(2 * size - 1) for size in grid_shape)
-    kernel_hat, kernel_shift = _kernel_spectrum(bias.to(dtype), grid_shape, fft_shape, causal)
+    fft_dtype = torch.float64 if causal else dtype  # causal prefix sums: see module docstring
+    kernel_hat, kernel_shift = _kernel_spectrum(bias.to(fft_dtype), grid_shape, fft_shape, causal)
+    kernel_shift = kernel_shift.to(dtype)
     cell = _flat_cells(grid_pos, grid_shape, valid)
     values = v if normalize == "none" else torch.cat([v, v.new_ones(b, n, h, 1)], -1)
+    phi_k, values = phi_k.to(fft_dtype), values.to(fft_dtype)
     e1 = values.shape[-1]
     per_feature = b * h * e1 * (2 * n + math.prod(grid_shape) + 3 * math.prod(fft_shape))
     chunk = max(1, FFT_BUDGET // per_feature)
@@ -126,7 +142,7 @@ def toeplitz_attention(
     for start in range(0, r, chunk):
         stop = start + chunk
         conv = _convolve(phi_k[..., start:stop], values, kernel_hat, cell, grid_shape, fft_shape)
-        part = torch.einsum("bhrxn,bnhr->bnhx", conv, phi_q[..., start:stop])
+        part = torch.einsum("bhrxn,bnhr->bnhx", conv.to(dtype), phi_q[..., start:stop])
         num = part if num is None else num + part
     if normalize == "none":
         scale = kernel_shift.expand(b, n, h)
@@ -163,9 +179,18 @@ def toeplitz_reference(
     the full weight matrix ``w_ij = phi(q_i) . phi(k_j) C_ij``. For tests and baselines.
     """
     grid_shape = _check_args(
-        phi_q, phi_k, v, bias, grid_pos, grid_shape, query_log_scale, key_log_scale,
-        key_padding_mask, causal, normalize,
-    )  # fmt: skip
+        phi_q,
+        phi_k,
+        v,
+        bias,
+        grid_pos,
+        grid_shape,
+        query_log_scale,
+        key_log_scale,
+        key_padding_mask,
+        causal,
+        normalize,
+    )
     b, n, h, _ = phi_q.shape
     valid = torch.ones(b, n, dtype=torch.bool, device=v.device)
     if key_padding_mask is not None:
@@ -196,9 +221,18 @@ def toeplitz_reference(
 
 
 def _check_args(
-    phi_q, phi_k, v, bias, grid_pos, grid_shape, query_log_scale, key_log_scale,
-    key_padding_mask, causal, normalize,
-) -> tuple[int, ...]:  # fmt: skip
+    phi_q,
+    phi_k,
+    v,
+    bias,
+    grid_pos,
+    grid_shape,
+    query_log_scale,
+    key_log_scale,
+    key_padding_mask,
+    causal,
+    normalize,
+) -> tuple[int, ...]:
     """Validate; every error names its argument. Returns ``grid_shape`` as a tuple."""
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -209,7 +243,9 @@ def _check_args(
     if phi_q.dim() != 4:
         raise ValueError(f"phi_q must have shape [b, n, h, r], got {list(phi_q.shape)}")
     if phi_k.shape != phi_q.shape:
-        raise ValueError(f"phi_k must have phi_q's shape {list(phi_q.shape)}, got {list(phi_k.shape)}")
+        raise ValueError(
+            f"phi_k must have phi_q's shape {list(phi_q.shape)}, got {list(phi_k.shape)}"
+        )
     if v.dim() != 4 or v.shape[:3] != phi_q.shape[:3]:
         raise ValueError(f"v must have shape {list(phi_q.shape[:3]) + ['e']}, got {list(v.shape)}")
     check_same_device_dtype({"phi_q": phi_q, "phi_k": phi_k, "v": v})
@@ -226,15 +262,21 @@ def _check_args(
     if causal and p != 1:
         raise ValueError(f"causal needs a 1D grid (token order = grid order), got {p} axes")
     if bias.dim() != p + 1 or bias.shape[0] != h:
-        raise ValueError(f"bias must have shape [h={h}, 2 L_1 - 1, ..] with {p} offset axes, "
-                         f"got {list(bias.shape)}")  # fmt: skip
+        raise ValueError(
+            f"bias must have shape [h={h}, 2 L_1 - 1, ..] with {p} offset axes, "
+            f"got {list(bias.shape)}"
+        )
     for size, extent in zip(bias.shape[1:], grid_shape, strict=True):
         if size % 2 == 0 or size < 2 * extent - 1:
             raise ValueError(
                 f"bias must hold the offsets -(E-1)..E-1 of grid_shape={grid_shape} (odd sizes "
                 f">= 2E - 1), got {list(bias.shape)}"
             )
-    if not isinstance(grid_pos, Tensor) or grid_pos.dtype.is_floating_point or grid_pos.is_complex():
+    if (
+        not isinstance(grid_pos, Tensor)
+        or grid_pos.dtype.is_floating_point
+        or grid_pos.is_complex()
+    ):
         raise ValueError("grid_pos must be an integer tensor of grid cells")
     if tuple(grid_pos.shape) != (b, n, p):
         raise ValueError(f"grid_pos must have shape [{b}, {n}, {p}], got {list(grid_pos.shape)}")

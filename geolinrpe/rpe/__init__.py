@@ -19,6 +19,7 @@ name                   family                                                   
 ``lrpe-permutation``   LRPE, permutation powers (1D integer positions)             logit, mask
 ``rope``               RoPE, 1D and axial 2D/3D                                    logit, mask
 ``string``             STRING (Cayley form)                                        logit, mask
+``toeplitz-fft``       Toeplitz RPE by FFT (Luo et al. 2021), 1D/2D integer grids  mask
 =====================  ==========================================================  ==============
 """
 
@@ -35,6 +36,7 @@ from .radial import RadialRPE
 from .rotary import STRING, RoPE
 from .spe import ConvSPE, SineSPE
 from .spectral_mlp import SpectralMLPRPE
+from .toeplitz import ToeplitzRPE
 
 REGISTRY: dict[str, type[RPE]] = {
     "flt-kernel": ShiftInvariantKernelRPE,
@@ -50,6 +52,7 @@ REGISTRY: dict[str, type[RPE]] = {
     "lrpe-permutation": PermutationLRPE,
     "rope": RoPE,
     "string": STRING,
+    "toeplitz-fft": ToeplitzRPE,
 }
 
 
@@ -84,6 +87,7 @@ __all__ = [
     "ShiftInvariantKernelRPE",
     "SineSPE",
     "SpectralMLPRPE",
+    "ToeplitzRPE",
     "UnitaryLRPE",
     "build",
     "names",

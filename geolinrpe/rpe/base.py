@@ -68,6 +68,9 @@ class RPE(nn.Module):
     integer_positions: bool = False
     #: the encoding of a token depends on all tokens of its graph (not allowed with causal)
     uses_whole_graph: bool = False
+    #: :meth:`attend` runs the chunked engine on :meth:`featurizer`, whose explicit O(n^2)
+    #: form is :func:`~geolinrpe.ops.feature_attention` (False: an algorithm of its own)
+    uses_engine: bool = True
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, pos: Tensor | None, **options) -> Tensor:
         """O(n) attention with this encoding; ``options`` as for

@@ -10,13 +10,13 @@ from geolinrpe.testing import assert_padding_consistent
 
 D64 = torch.float64
 POS_DIM = {"flt-local": 1, "flt-radial": 3, "flt-periodic": 3, "spe-sine": 1, "spe-conv": 1}
-OPTIONS = {"spe-conv": dict(grid_size=16)}
-INTEGER = {"spe-conv", "lrpe-permutation"}
+OPTIONS = {"spe-conv": dict(grid_size=16), "toeplitz-fft": dict(max_offset=8)}
+INTEGER = {"spe-conv", "lrpe-permutation", "toeplitz-fft"}
 
 
 def test_names_lists_the_registry():
     assert names() == sorted(REGISTRY)
-    assert len(names()) >= 13
+    assert len(names()) >= 14
 
 
 @pytest.mark.parametrize("name", names())
