@@ -11,6 +11,7 @@ numbers of tokens, which packed or padded batches (:mod:`geolinrpe.data.batching
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -136,8 +137,7 @@ class ImagePatches(Dataset):
             image. Integer pixels (e.g. ``uint8``) are scaled to [0, 1]; float pixels are
             kept as they are.
         patch_size: ``ph`` or ``(ph, pw)``.
-        labels: ``[N]`` labels for an image tensor/array (ignored for datasets that yield
-            labels).
+        labels: ``[N]`` labels, one per image (they replace labels a dataset yields).
         fit: ``"error"``, ``"crop"`` or ``"pad"`` when an image's size is not a multiple of
             the patch size (see :func:`image_to_patches`).
         channels_last: images (tensors/arrays) are ``[..., H, W, C]`` instead of
@@ -218,7 +218,7 @@ class ImagePatches(Dataset):
     @classmethod
     def from_image_folder(
         cls,
-        root: str,
+        root: str | os.PathLike,
         patch_size: int | Sequence[int],
         fit: str = "error",
         image_transform: Callable | None = None,
