@@ -131,7 +131,9 @@ def test_image_folder_without_torchvision_names_the_extra(tmp_path, monkeypatch)
 
 
 def test_image_folder_with_torchvision(tmp_path):
-    pytest.importorskip("torchvision", reason="needs the optional extra geolinrpe[vision] (torchvision)")
+    pytest.importorskip(
+        "torchvision", reason="needs the optional extra geolinrpe[vision] (torchvision)"
+    )
     written = write_png_folder(tmp_path)
     dataset = ImagePatches.from_image_folder(tmp_path, 2)
     assert dataset.classes == ["cat", "dog"] and len(dataset) == 4
