@@ -8,6 +8,7 @@ it could not read by input, and yields PyG ``Data`` objects that batch both pack
 from .batching import DenseDataLoader, PaddedCollater, collate_packed, collate_padded
 from .images import ImagePatches, image_to_patches, load_digits_patches, patches_to_image
 from .molecules import ConversionFailure, ConversionReport, from_ase, from_smiles
+from .oc20 import OC20, OC20FormatError, UnsafePickleError, make_synthetic
 from .point_clouds import (
     SHAPES,
     Center,
@@ -27,16 +28,20 @@ __all__ = [
     "DenseDataLoader",
     "ImagePatches",
     "NormalizeScale",
+    "OC20",
+    "OC20FormatError",
     "PaddedCollater",
     "RandomJitter",
     "RandomRotate",
     "SyntheticShapes",
+    "UnsafePickleError",
     "collate_packed",
     "collate_padded",
     "from_ase",
     "from_smiles",
     "image_to_patches",
     "load_digits_patches",
+    "make_synthetic",
     "patches_to_image",
     "random_rotation",
     "read_point_cloud",
