@@ -9,6 +9,7 @@ from .batching import DenseDataLoader, PaddedCollater, collate_packed, collate_p
 from .images import ImagePatches, image_to_patches, load_digits_patches, patches_to_image
 from .molecules import ConversionFailure, ConversionReport, from_ase, from_smiles
 from .oc20 import OC20, OC20FormatError, UnsafePickleError, make_synthetic
+from .qm9 import QM9, TARGETS, atom_refs, conventional_split, target_index
 from .point_clouds import (
     SHAPES,
     Center,
@@ -21,7 +22,9 @@ from .point_clouds import (
 )
 
 __all__ = [
+    "QM9",
     "SHAPES",
+    "TARGETS",
     "Center",
     "ConversionFailure",
     "ConversionReport",
@@ -35,8 +38,10 @@ __all__ = [
     "RandomRotate",
     "SyntheticShapes",
     "UnsafePickleError",
+    "atom_refs",
     "collate_packed",
     "collate_padded",
+    "conventional_split",
     "from_ase",
     "from_smiles",
     "image_to_patches",
@@ -45,4 +50,5 @@ __all__ = [
     "patches_to_image",
     "random_rotation",
     "read_point_cloud",
+    "target_index",
 ]
