@@ -9,7 +9,6 @@ from .batching import DenseDataLoader, PaddedCollater, collate_packed, collate_p
 from .images import ImagePatches, image_to_patches, load_digits_patches, patches_to_image
 from .molecules import ConversionFailure, ConversionReport, from_ase, from_smiles
 from .oc20 import OC20, OC20FormatError, UnsafePickleError, make_synthetic
-from .qm9 import QM9, TARGETS, atom_refs, conventional_split, target_index
 from .point_clouds import (
     SHAPES,
     Center,
@@ -20,6 +19,7 @@ from .point_clouds import (
     random_rotation,
     read_point_cloud,
 )
+from .qm9 import QM9, TARGETS, atom_refs, conventional_split, target_index
 
 __all__ = [
     "QM9",

@@ -3,3 +3,8 @@
 from .attention import RPEAttention
 
 __all__ = ["RPEAttention"]
+
+from .block import RPETransformerBlock, RPETransformerEncoder, use_reference  # noqa: E402
+from .exact import ExactRPEAttention  # noqa: E402
+
+__all__ += ["ExactRPEAttention", "RPETransformerBlock", "RPETransformerEncoder", "use_reference"]
