@@ -1,0 +1,266 @@
+r"""Radius graphs in pure PyTorch (no ``torch-cluster`` or ``pyg-lib``).
+
+Axes: n nodes (atoms, points), g graphs, e edges, k lattice images, p position dim.
+
+* :func:`radius_graph`: every pair of nodes of the same graph closer than ``r``, in PyG's
+  ``edge_index`` convention (``flow="source_to_target"``: ``edge_index = [j, i]``, messages
+  flow from neighbour ``j`` to centre ``i``).
+* :func:`radius_graph_pbc`: the same under periodic boundary conditions: one edge per periodic
+  image of ``j`` within ``r`` of ``i``, with its lattice shift.
+* :class:`RadiusInteractionGraph`: a module returning ``(edge_index, edge_weight)``, what
+  ``torch_geometric.nn.models.SchNet`` expects from its ``interaction_graph``.
+
+Both functions are deterministic: edges come sorted by centre ``i``, then neighbour ``j``
+(then image), and ``max_num_neighbors`` keeps the *nearest* neighbours of each centre (ties
+go to the lower index), where ``torch-cluster`` keeps whichever it finds first. Memory is
+bounded by ``max_pairs``: centres are processed in chunks whose candidate pairs (the nodes of
+their own graph, times the images) add up to at most ``max_pairs`` (or one centre), so a
+packed batch costs ``O(sum_g n_g^2)`` work and one chunk of memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["MAX_PAIRS", "RadiusInteractionGraph", "radius_graph", "radius_graph_pbc"]
+
+FLOWS = ("source_to_target", "target_to_source")
+#: default bound on the candidate pairs held at once (about 100 MB of float32 differences)
+MAX_PAIRS = 1 << 22
+
+
+def _check(pos: Tensor, r: float, batch: Tensor | None, max_num_neighbors, flow: str) -> Tensor:
+    """Validate the common arguments; return ``batch`` (zeros when ``None``)."""
+    if not isinstance(pos, Tensor) or pos.dim() != 2 or not pos.is_floating_point():
+        raise ValueError(f"pos must be a floating tensor [n, p], got {getattr(pos, 'shape', pos)}")
+    if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+        raise ValueError(f"r must be a positive finite number, got {r!r}")
+    if max_num_neighbors is not None and (
+        not isinstance(max_num_neighbors, int)
+        or isinstance(max_num_neighbors, bool)
+        or max_num_neighbors <= 0
+    ):
+        raise ValueError(
+            f"max_num_neighbors must be a positive int or None, got {max_num_neighbors!r}"
+        )
+    if flow not in FLOWS:
+        raise ValueError(f"flow must be one of {FLOWS}, got {flow!r}")
+    if batch is None:
+        return torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
+    if batch.shape != (pos.shape[0],) or batch.dtype != torch.long:
+        raise ValueError(
+            f"batch must be a long tensor of shape [{pos.shape[0]}], "
+            f"got {batch.dtype} {list(batch.shape)}"
+        )
+    if batch.numel() and (int(batch[0]) < 0 or bool((batch[1:] < batch[:-1]).any())):
+        raise ValueError("batch must be sorted and non-negative")
+    return batch
+
+
+def _nearest(centre: Tensor, dist2: Tensor, k: int | None) -> Tensor:
+    """Mask of the ``k`` nearest edges of each centre; edges must be grouped by centre, in
+    the order that breaks distance ties."""
+    if k is None or centre.numel() == 0:
+        return torch.ones_like(centre, dtype=torch.bool)
+    order = torch.argsort(dist2, stable=True)
+    order = order[torch.argsort(centre[order], stable=True)]  # by centre, distance, position
+    grouped = centre[order]
+    rank = torch.arange(centre.numel(), device=centre.device) - torch.searchsorted(grouped, grouped)
+    keep = torch.zeros_like(centre, dtype=torch.bool)
+    keep[order[rank < k]] = True
+    return keep
+
+
+def _chunks(cost: Tensor, max_pairs: int) -> list[tuple[int, int]]:
+    """Consecutive ranges of centres whose summed ``cost`` is at most ``max_pairs`` (or one
+    centre)."""
+    ends = torch.cumsum(cost, 0)
+    out, start = [], 0
+    while start < cost.numel():
+        base = int(ends[start - 1]) if start else 0
+        end = max(int(torch.searchsorted(ends, base + max_pairs, right=True)), start + 1)
+        out.append((start, end))
+        start = end
+    return out
+
+
+def radius_graph(
+    pos: Tensor,
+    r: float,
+    batch: Tensor | None = None,
+    loop: bool = False,
+    max_num_neighbors: int | None = 32,
+    flow: str = "source_to_target",
+    max_pairs: int = MAX_PAIRS,
+) -> Tensor:
+    r"""Edges between the nodes of each graph at distance ``|pos_i - pos_j| < r``.
+
+    A drop-in for ``torch_geometric.nn.radius_graph`` (which needs ``torch-cluster``).
+
+    Args:
+        pos: node positions ``[n, p]``.
+        r: cutoff radius (strict: a pair at exactly ``r`` is left out).
+        batch: sorted graph ids ``[n]`` (default ``None``: one graph).
+        loop: include self-loops ``(i, i)`` (default ``False``).
+        max_num_neighbors: at most this many neighbours per centre, the nearest ones
+            (``None``: all; default 32, as in PyG).
+        flow: ``"source_to_target"`` (default): ``edge_index = [j, i]`` (row = neighbour,
+            col = centre); ``"target_to_source"``: ``[i, j]``.
+        max_pairs: candidate pairs evaluated at once (memory bound; default ``2**22``).
+
+    Returns:
+        ``edge_index [2, e]`` long, sorted by centre, then neighbour.
+    """
+    batch = _check(pos, r, batch, max_num_neighbors, flow)
+    counts = torch.bincount(batch)
+    ptr = torch.cumsum(counts, 0) - counts
+    cost = counts[batch]  # candidates per centre: the nodes of its graph
+    centres, neighbours = [], []
+    with torch.no_grad():
+        for start, end in _chunks(cost, max_pairs):
+            c = cost[start:end]
+            i = torch.arange(start, end, device=pos.device).repeat_interleave(c)
+            local = torch.arange(i.numel(), device=pos.device) - torch.repeat_interleave(
+                torch.cumsum(c, 0) - c, c
+            )
+            j = ptr[batch[i]] + local
+            dist2 = (pos[j] - pos[i]).pow(2).sum(-1)
+            keep = dist2 < r * r
+            if not loop:
+                keep &= i != j
+            i, j, dist2 = i[keep], j[keep], dist2[keep]
+            keep = _nearest(i, dist2, max_num_neighbors)
+            centres.append(i[keep])
+            neighbours.append(j[keep])
+    empty = batch.new_zeros(0)
+    i = torch.cat(centres) if centres else empty
+    j = torch.cat(neighbours) if neighbours else empty
+    return torch.stack([j, i] if flow == "source_to_target" else [i, j])
+
+
+def _pbc_per_graph(pbc, num_graphs: int, device) -> Tensor:
+    if pbc is None:
+        return torch.ones(num_graphs, 3, dtype=torch.bool, device=device)
+    pbc = torch.as_tensor(pbc, dtype=torch.bool, device=device)
+    if pbc.shape == (3,):
+        pbc = pbc.expand(num_graphs, 3)
+    if pbc.shape != (num_graphs, 3):
+        raise ValueError(f"pbc must be [3] or [{num_graphs}, 3], got {list(pbc.shape)}")
+    return pbc
+
+
+def radius_graph_pbc(
+    pos: Tensor,
+    cell: Tensor,
+    r: float,
+    batch: Tensor | None = None,
+    pbc: Tensor | Sequence[bool] | None = None,
+    loop: bool = False,
+    max_num_neighbors: int | None = 32,
+    flow: str = "source_to_target",
+    max_pairs: int = MAX_PAIRS,
+) -> tuple[Tensor, Tensor]:
+    r"""Periodic radius graph: edges ``(j + image, i)`` with ``|pos_j + s - pos_i| < r``.
+
+    For graph ``g`` with lattice ``L_g`` (rows are the lattice vectors ``a_1..a_3``), every
+    periodic image ``s = n L_g`` (integer ``n``, zero along non-periodic axes) of every atom
+    ``j`` within ``r`` of ``i`` gives one edge, so small cells give several edges per pair
+    (and, with ``loop=False``, only the ``n = 0`` image of ``i`` itself is left out). Atoms
+    need not be wrapped into the cell: the image range covers their fractional spread.
+
+    Args:
+        pos: Cartesian positions ``[n, 3]``.
+        cell: lattices ``[g, 3, 3]``, one per graph (rows are lattice vectors).
+        r: cutoff radius (strict).
+        batch: sorted graph ids ``[n]`` (default ``None``: one graph).
+        pbc: periodic axes, ``[3]`` or ``[g, 3]`` bool (default ``None``: all periodic;
+            OC20 slabs use ``(True, True, False)``).
+        loop, max_num_neighbors, flow, max_pairs: as in :func:`radius_graph` (neighbour
+            ties, including between images, go to the lower ``(j, image)``).
+
+    Returns:
+        ``(edge_index [2, e], shift [e, 3])``: edges sorted by centre, neighbour, image; the
+        edge vector from centre to neighbour is ``pos[j] + shift - pos[i]`` (``shift`` is
+        differentiable in ``cell``).
+    """
+    batch = _check(pos, r, batch, max_num_neighbors, flow)
+    if pos.shape[1] != 3:
+        raise ValueError(f"pos must be [n, 3] for periodic graphs, got {list(pos.shape)}")
+    if cell.dim() != 3 or cell.shape[1:] != (3, 3):
+        raise ValueError(f"cell must be [g, 3, 3], got {list(cell.shape)}")
+    num_graphs = cell.shape[0]
+    if batch.numel() and int(batch[-1]) >= num_graphs:
+        raise ValueError(f"batch has graph id {int(batch[-1])} but cell has {num_graphs} cells")
+    counts = torch.bincount(batch, minlength=num_graphs)
+    pbc = _pbc_per_graph(pbc, num_graphs, pos.device)
+    ptr = (torch.cumsum(counts, 0) - counts).tolist()
+    centres, neighbours, shifts = [], [], []
+    with torch.no_grad():
+        inverse = torch.linalg.inv(cell.detach().double())  # [g, 3, 3]
+        for g, n in enumerate(counts.tolist()):
+            if n == 0:
+                continue
+            p = pos[ptr[g] : ptr[g] + n].detach()
+            frac = p.double() @ inverse[g]  # [n, 3] fractional coordinates
+            spread = frac.amax(0) - frac.amin(0)
+            recip = inverse[g].norm(dim=0)  # |b_a|: 1 / distance between lattice planes
+            reach = torch.ceil(r * recip + spread).long()
+            reach = torch.where(pbc[g], reach, torch.zeros_like(reach)).tolist()
+            axes = [torch.arange(-m, m + 1, device=pos.device) for m in reach]
+            images = torch.cartesian_prod(*axes).reshape(-1, 3)  # [k, 3]
+            zero = int(((images == 0).all(-1)).nonzero()[0])
+            shift = images.to(p.dtype) @ cell[g].detach().to(p.dtype)  # [k, 3]
+            rows = max(1, max_pairs // (n * images.shape[0]))
+            for start in range(0, n, rows):
+                centre = p[start : start + rows]  # [c, 3]
+                diff = p[None, :, None] + shift[None, None] - centre[:, None, None]
+                dist2 = diff.pow(2).sum(-1)  # [c, n(j), k]
+                keep = dist2 < r * r
+                if not loop:
+                    idx = torch.arange(centre.shape[0], device=pos.device)
+                    keep[idx, start + idx, zero] = False
+                i, j, k = keep.nonzero(as_tuple=True)  # sorted by (i, j, k)
+                near = _nearest(i, dist2[i, j, k], max_num_neighbors)
+                centres.append(ptr[g] + start + i[near])
+                neighbours.append(ptr[g] + j[near])
+                shifts.append((images[k[near]], g))
+    empty = batch.new_zeros(0)
+    i = torch.cat(centres) if centres else empty
+    j = torch.cat(neighbours) if neighbours else empty
+    if shifts:
+        shift = torch.cat([img.to(cell.dtype) @ cell[g] for img, g in shifts])  # grad to cell
+    else:
+        shift = pos.new_zeros(0, 3)
+    edge_index = torch.stack([j, i] if flow == "source_to_target" else [i, j])
+    return edge_index, shift
+
+
+class RadiusInteractionGraph(nn.Module):
+    r"""``(edge_index, edge_weight)`` of :func:`radius_graph`, the ``interaction_graph`` that
+    ``torch_geometric.nn.models.SchNet`` calls as ``interaction_graph(pos, batch)``.
+
+    Args:
+        cutoff: radius ``r`` (default 10.0).
+        max_num_neighbors: nearest neighbours kept per atom (default 32).
+
+    Shapes:
+        ``pos [n, 3]``, ``batch [n]`` -> ``edge_index [2, e]``, ``edge_weight [e]``
+        (``|pos_j - pos_i|``, differentiable in ``pos``).
+    """
+
+    def __init__(self, cutoff: float = 10.0, max_num_neighbors: int | None = 32) -> None:
+        super().__init__()
+        self.cutoff = cutoff
+        self.max_num_neighbors = max_num_neighbors
+
+    def forward(self, pos: Tensor, batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        edge_index = radius_graph(pos, self.cutoff, batch, max_num_neighbors=self.max_num_neighbors)
+        j, i = edge_index
+        return edge_index, (pos[j] - pos[i]).norm(dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"cutoff={self.cutoff}, max_num_neighbors={self.max_num_neighbors}"

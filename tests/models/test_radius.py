@@ -1,0 +1,116 @@
+"""Pure-torch radius graphs against brute force (plain and periodic)."""
+
+import itertools
+
+import pytest
+import torch
+
+from geolinrpe.models.radius import RadiusInteractionGraph, radius_graph, radius_graph_pbc
+
+D64 = torch.float64
+
+
+def cloud(sizes, scale=1.5):
+    batch = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    return scale * torch.randn(sum(sizes), 3, dtype=D64), batch
+
+
+def brute_force(pos, batch, r, loop, k=None):
+    """Sorted (i, j) pairs: same graph, distance < r, the k nearest per i (ties: lower j)."""
+    dist = torch.cdist(pos, pos)
+    edges = []
+    for i in range(len(pos)):
+        near = sorted(
+            (float(dist[i, j]), j)
+            for j in range(len(pos))
+            if batch[i] == batch[j] and dist[i, j] < r and (loop or i != j)
+        )
+        edges += sorted((i, j) for _, j in near[:k])
+    return edges
+
+
+@pytest.mark.parametrize("loop", [False, True])
+@pytest.mark.parametrize("k", [None, 3])
+def test_radius_graph_matches_brute_force_and_is_sorted(loop, k):
+    pos, batch = cloud([7, 1, 12, 5])
+    edge_index = radius_graph(pos, 2.0, batch, loop=loop, max_num_neighbors=k)
+    j, i = edge_index.tolist()
+    assert list(zip(i, j, strict=True)) == brute_force(pos, batch, 2.0, loop, k)
+    # chunking over centres changes nothing (one centre per chunk here)
+    chunked = radius_graph(pos, 2.0, batch, loop=loop, max_num_neighbors=k, max_pairs=5)
+    assert torch.equal(chunked, edge_index)
+    flipped = radius_graph(pos, 2.0, batch, loop, k, flow="target_to_source")
+    assert torch.equal(flipped, edge_index.flip(0))
+
+
+def test_radius_graph_keeps_nearest_neighbours():
+    pos = torch.tensor([[0.0, 0, 0], [3, 0, 0], [1, 0, 0], [2, 0, 0], [-0.5, 0, 0]], dtype=D64)
+    j, i = radius_graph(pos, 10.0, max_num_neighbors=2)
+    assert [jj for ii, jj in zip(i.tolist(), j.tolist(), strict=True) if ii == 0] == [2, 4]
+    # strict cutoff: the pairs at distance exactly 1 (0-2, 2-3, 1-3) are left out
+    assert radius_graph(pos, 1.0, max_num_neighbors=None).tolist() == [[4, 0], [0, 4]]
+
+
+def test_radius_graph_edge_cases_and_errors():
+    pos = torch.zeros(1, 3)
+    assert radius_graph(pos, 1.0).shape == (2, 0)
+    assert radius_graph(pos, 1.0, loop=True).tolist() == [[0], [0]]
+    with pytest.raises(ValueError, match="sorted"):
+        radius_graph(torch.randn(3, 3), 1.0, torch.tensor([1, 0, 0]))
+    with pytest.raises(ValueError, match="r must"):
+        radius_graph(torch.randn(3, 3), 0.0)
+    with pytest.raises(ValueError, match="max_num_neighbors"):
+        radius_graph(torch.randn(3, 3), 1.0, max_num_neighbors=0)
+
+
+def test_interaction_graph_distances_differentiable():
+    pos, batch = cloud([4, 6])
+    pos.requires_grad_(True)
+    edge_index, weight = RadiusInteractionGraph(2.5, 32)(pos, batch)
+    j, i = edge_index
+    torch.testing.assert_close(weight, (pos[j] - pos[i]).norm(dim=-1))
+    weight.sum().backward()
+    assert torch.isfinite(pos.grad).all() and pos.grad.abs().sum() > 0
+
+
+def pbc_brute_force(pos, cell, r, pbc, reach=3):
+    axes = [range(-reach, reach + 1) if p else [0] for p in pbc]
+    out = []
+    for i, j in itertools.product(range(len(pos)), repeat=2):
+        for n in itertools.product(*axes):
+            shift = torch.tensor(n, dtype=D64) @ cell
+            if (i != j or any(n)) and (pos[j] + shift - pos[i]).norm() < r:
+                out.append((i, j, n))
+    return sorted(out)
+
+
+@pytest.mark.parametrize("pbc", [(True, True, True), (True, True, False)])
+def test_radius_graph_pbc_matches_image_enumeration(pbc):
+    cell = torch.tensor([[2.5, 0.0, 0.0], [0.7, 2.2, 0.0], [0.3, -0.4, 2.8]], dtype=D64)
+    frac = torch.rand(6, 3, dtype=D64)
+    frac[0] += torch.tensor([1.0, -1.0, 0.0])  # an unwrapped atom
+    pos = frac @ cell
+    edge_index, shift = radius_graph_pbc(pos, cell[None], 3.0, pbc=pbc, max_num_neighbors=None)
+    images = torch.linalg.solve(cell.T, shift.T).T.round().long()
+    j, i = edge_index.tolist()
+    got = [(a, b, tuple(n)) for a, b, n in zip(i, j, images.tolist(), strict=True)]
+    assert got == pbc_brute_force(pos, cell, 3.0, pbc)
+    assert len(got) > 6 * 5  # images contribute
+
+
+def test_radius_graph_pbc_batches_and_gradients():
+    pos, batch = cloud([3, 4], scale=1.0)
+    cell = torch.stack([3.0 * torch.eye(3), 4.0 * torch.eye(3)]).to(D64).requires_grad_(True)
+    edge_index, shift = radius_graph_pbc(pos, cell, 2.5, batch, max_num_neighbors=None)
+    j, i = edge_index
+    assert (batch[i] == batch[j]).all()
+    one, _ = radius_graph_pbc(pos[:3], cell[:1], 2.5, max_num_neighbors=None)
+    assert torch.equal(edge_index[:, batch[i] == 0], one)
+    chunked, _ = radius_graph_pbc(pos, cell, 2.5, batch, max_num_neighbors=None, max_pairs=7)
+    assert torch.equal(chunked, edge_index)
+    (pos[j] + shift - pos[i]).norm(dim=-1).sum().backward()
+    assert torch.isfinite(cell.grad).all() and cell.grad.abs().sum() > 0
+    limited, _ = radius_graph_pbc(pos, cell, 2.5, batch, max_num_neighbors=2)
+    assert torch.bincount(limited[1]).max() <= 2
+    with pytest.raises(ValueError, match="cell"):
+        radius_graph_pbc(pos, cell[:1], 2.5, batch)
