@@ -1,0 +1,353 @@
+r"""A learned optimizer whose per-entry update comes from a small O(n) RPE transformer.
+
+Axes: n tokens (parameter entries of all tensors, packed), t tensors, f input features,
+c channels, k momentum decays.
+
+Every entry of every parameter tensor is a token; the tensors of a model are the "graphs" of
+one packed :class:`~geolinrpe.nn.RPEAttention` call (``batch`` = tensor id), so one step costs
+O(number of parameters). A token's position is its normalised ``(row, col)`` coordinate in its
+tensor, ``pos = (i / max(R - 1, 1), j / max(C - 1, 1)) in [0, 1]^2`` after viewing the tensor
+as ``[R, C] = [shape[0], prod(shape[1:])]`` (a vector is ``[R, 1]``, a scalar ``[1, 1]``), so
+the RPE sees "same row / nearby column" structure independently of the tensor size.
+
+Per-entry input features (``FEATURES``), each scale-free within its tensor
+(``rms(x) = sqrt(mean(x^2))`` over the tensor, ``eps = 1e-8``):
+
+* ``g / rms(g)``; ``m_k / rms(m_k)`` for the momentum decays ``beta_k`` (default 0.5, 0.9,
+  0.99), ``m_k <- beta_k m_k + (1 - beta_k) g``;
+* ``m_0.9 / sqrt(v_hat)`` (the Adam direction, clipped to ``[-10, 10]``), with the second moment
+  ``v <- beta2 v + (1 - beta2) g^2`` and ``v_hat = v / (1 - beta2^t)``;
+* ``log(v_hat + eps) - mean_tensor(log(v_hat + eps))``;
+* ``w / rms(w)`` (the parameter value);
+* ``log(1 + t) / 10`` (the step count ``t``, shared by all entries).
+
+The network outputs a direction ``d`` and a log-scale ``s`` per entry; the update is
+(Metz et al. 2022, https://arxiv.org/abs/2203.11860, "Practical tradeoffs"; VeLO,
+https://arxiv.org/abs/2211.09760)
+
+.. math::  w \leftarrow w - \eta\, d \exp(\alpha s), \qquad \alpha = 0.1 \text{ (mag\_scale)},
+
+with ``eta`` the group's ``lr`` (``lr_base``). The output head has a linear skip from the input
+features whose direction weight starts on the Adam feature (``init="adam"``) so an untrained
+network is Adam with learning rate ``eta`` (``init="zero"`` starts at ``d = s = 0``).
+
+The same computation is available as a pure function :func:`learned_step`
+``(params, grads, state) -> (new_params, new_state)``, differentiable with respect to the
+network parameters (and, through ``grads``, second order when the caller builds the grads with
+``create_graph=True``); :class:`LearnedOptimizer` wraps it in the ``torch.optim`` interface.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import RPEAttention
+
+FEATURES = ("grad", "momenta...", "adam", "log_second_moment", "param", "log_step")
+_EPS = 1e-8
+
+
+def num_input_features(num_momenta: int) -> int:
+    """Input features per entry for ``num_momenta`` momentum decays (see the module docs)."""
+    return num_momenta + 5
+
+
+class UpdateBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
+
+    def __init__(self, width: int, num_heads: int, rpe: str | None, rpe_options: dict) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = RPEAttention(
+            width,
+            num_heads,
+            rpe=rpe,
+            pos_dim=None if rpe is None else 2,
+            mode="logit" if rpe is not None else "mask",
+            kernel="favor+",
+            num_features=16,
+            rpe_options=rpe_options if rpe is not None else None,
+        )
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+        )
+
+    def forward(self, x: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+        """``x [n, c]``, ``pos [n, 2]``, ``batch [n]`` -> ``[n, c]``."""
+        x = x + self.attn(self.norm1(x), pos if self.attn.rpe is not None else None, batch)
+        return x + self.mlp(self.norm2(x))
+
+
+class UpdateNetwork(nn.Module):
+    r"""Per-entry update rule: features ``[n, f]`` -> (direction, log-scale) ``[n, 2]``.
+
+    ``out = head(blocks(embed(x))) + skip(x)``: an embedding, ``num_layers`` pre-norm blocks of
+    :class:`~geolinrpe.nn.RPEAttention` (positions = normalised (row, col) in the tensor, one
+    graph per tensor) plus an MLP, and a linear head; ``skip`` is a linear map of the raw
+    features (the "hand-designed" part).
+
+    Args:
+        width: channels ``c`` (default 16).
+        num_heads: attention heads (default 2).
+        num_layers: transformer blocks (default 1).
+        rpe: RPE registry name for 2D positions (default ``"flt-kernel"``, Gaussian kernel of
+            lengthscale 0.25 in normalised coordinates) or ``None`` (the no-RPE baseline: the
+            same network with plain linear attention).
+        rpe_options: options for the RPE.
+        betas: momentum decays ``beta_k`` (they fix the feature count).
+        beta2: second-moment decay.
+        init: ``"adam"`` (skip starts on the Adam direction) or ``"zero"``.
+        mag_scale: ``alpha`` in ``exp(alpha s)``.
+
+    Shapes: ``x [n, f]``, ``pos [n, 2]``, ``batch [n]`` (sorted tensor ids) -> ``[n, 2]``.
+    """
+
+    def __init__(
+        self,
+        width: int = 16,
+        num_heads: int = 2,
+        num_layers: int = 1,
+        rpe: str | None = "flt-kernel",
+        rpe_options: dict | None = None,
+        betas: Sequence[float] = (0.5, 0.9, 0.99),
+        beta2: float = 0.999,
+        init: str = "adam",
+        mag_scale: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if init not in ("adam", "zero"):
+            raise ValueError(f"init must be 'adam' or 'zero', got {init!r}")
+        if 0.9 not in betas:
+            raise ValueError("betas must contain 0.9 (the Adam-direction feature uses it)")
+        options = {"lengthscale": 0.25} if rpe == "flt-kernel" else {}
+        options.update(rpe_options or {})
+        self.config = dict(
+            width=width,
+            num_heads=num_heads,
+            num_layers=num_layers,
+            rpe=rpe,
+            rpe_options=options,
+            betas=tuple(betas),
+            beta2=beta2,
+            init=init,
+            mag_scale=mag_scale,
+        )
+        self.betas = tuple(float(b) for b in betas)
+        self.beta2 = float(beta2)
+        self.mag_scale = float(mag_scale)
+        self.init = init
+        self.rpe = rpe
+        in_dim = num_input_features(len(self.betas))
+        self.embed = nn.Linear(in_dim, width)
+        self.blocks = nn.ModuleList(
+            UpdateBlock(width, num_heads, rpe, options) for _ in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 2)
+        self.skip = nn.Linear(in_dim, 2, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small head (the network starts near its skip); skip on the Adam feature or zero."""
+        self.embed.reset_parameters()
+        for block in self.blocks:
+            block.attn.reset_parameters()
+        nn.init.normal_(self.head.weight, std=1e-3)
+        nn.init.zeros_(self.head.bias)
+        nn.init.zeros_(self.skip.weight)
+        if self.init == "adam":
+            with torch.no_grad():
+                self.skip.weight[0, len(self.betas) + 1] = 1.0  # the "adam" feature
+
+    def forward(self, x: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
+        """Direction and log-scale per entry, ``[n, 2]``."""
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h, pos, batch)
+        return self.head(self.norm(h)) + self.skip(x)
+
+
+def entry_positions(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Normalised ``(row, col)`` of every entry of a tensor of ``shape``: ``[numel, 2]`` in [0, 1].
+
+    The tensor is viewed as ``[R, C] = [shape[0], prod(shape[1:])]`` (vector ``[R, 1]``, scalar
+    ``[1, 1]``); ``pos = (i / max(R - 1, 1), j / max(C - 1, 1))`` in row-major entry order.
+    """
+    rows = shape[0] if len(shape) >= 1 else 1
+    cols = math.prod(shape[1:]) if len(shape) >= 2 else 1
+    i = torch.arange(rows, dtype=dtype, device=device) / max(rows - 1, 1)
+    j = torch.arange(cols, dtype=dtype, device=device) / max(cols - 1, 1)
+    return torch.stack(torch.meshgrid(i, j, indexing="ij"), -1).reshape(-1, 2)
+
+
+def _rms(x: Tensor) -> Tensor:
+    return x.pow(2).mean().add(_EPS * _EPS).sqrt()
+
+
+def init_state(params: Sequence[Tensor], net: UpdateNetwork) -> dict:
+    """Zero optimizer state for :func:`learned_step`.
+
+    ``{"step": int, "momenta": [k, *shape] per tensor, "second": [*shape] per tensor}``.
+    """
+    k = len(net.betas)
+    return {
+        "step": 0,
+        "momenta": [p.new_zeros((k, *p.shape)) for p in params],
+        "second": [torch.zeros_like(p) for p in params],
+    }
+
+
+def _tensor_features(
+    w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, net: UpdateNetwork
+) -> Tensor:
+    """Features ``[numel, f]`` of one tensor from its value, grad and updated moments."""
+    flat_m = m.reshape(m.shape[0], -1)
+    feats = [g.reshape(-1) / _rms(g)]
+    feats += [mk / _rms(mk) for mk in flat_m]
+    v_hat = v.reshape(-1) / (1 - net.beta2**step)
+    m09 = flat_m[net.betas.index(0.9)] / (1 - 0.9**step)
+    feats.append((m09 / (v_hat.sqrt() + _EPS)).clamp(-10, 10))
+    logv = torch.log(v_hat + _EPS)
+    feats.append(logv - logv.mean())
+    feats.append(w.reshape(-1) / _rms(w))
+    feats.append(torch.full_like(feats[0], math.log1p(step) / 10))
+    return torch.stack(feats, -1)
+
+
+def compute_updates(
+    net: UpdateNetwork,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momenta: Sequence[Tensor],
+    second: Sequence[Tensor],
+    steps: Sequence[int],
+    lrs: Sequence[float],
+) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    r"""Updated moments and the updates ``delta = lr d exp(alpha s)`` of all tensors in one call.
+
+    Args:
+        params, grads: ``t`` tensors and their gradients.
+        momenta: ``[k, *shape]`` per tensor; second: ``[*shape]`` per tensor (before this step).
+        steps: the step count ``t >= 1`` of each tensor *including* this step.
+        lrs: ``eta`` of each tensor.
+
+    Returns: ``(deltas, new_momenta, new_second)``, one entry per tensor (the caller subtracts
+    ``delta``). All tensors go through one packed :class:`UpdateNetwork` call.
+    """
+    betas = torch.tensor(net.betas, dtype=params[0].dtype, device=params[0].device)
+    new_m, new_v, feats, pos, batch = [], [], [], [], []
+    for idx, (w, g, m, v, step) in enumerate(
+        zip(params, grads, momenta, second, steps, strict=True)
+    ):
+        b = betas.view(-1, *([1] * g.dim()))  # [k, 1, ...]
+        m = b * m + (1 - b) * g
+        v = net.beta2 * v + (1 - net.beta2) * g * g
+        new_m.append(m)
+        new_v.append(v)
+        feats.append(_tensor_features(w, g, m, v, step, net))
+        pos.append(entry_positions(w.shape, w.dtype, w.device))
+        batch.append(torch.full((w.numel(),), idx, dtype=torch.long, device=w.device))
+    out = net(torch.cat(feats), torch.cat(pos), torch.cat(batch))  # [n, 2]
+    direction, log_scale = out.unbind(-1)
+    scale = direction * torch.exp(net.mag_scale * log_scale.clamp(max=30.0))
+    deltas = [
+        lr * chunk.reshape(w.shape)
+        for lr, chunk, w in zip(lrs, scale.split([w.numel() for w in params]), params, strict=True)
+    ]
+    return deltas, new_m, new_v
+
+
+def learned_step(
+    net: UpdateNetwork,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    state: dict,
+    lr: float = 1e-3,
+) -> tuple[list[Tensor], dict]:
+    """Pure functional step ``(params, grads, state) -> (new_params, new_state)``.
+
+    Nothing is modified in place; the outputs are differentiable with respect to ``net``'s
+    parameters (and to ``params`` / ``grads``), so unrolled inner training can be
+    back-propagated for meta-training. ``state`` comes from :func:`init_state`.
+    """
+    step = state["step"] + 1
+    deltas, momenta, second = compute_updates(
+        net,
+        params,
+        grads,
+        state["momenta"],
+        state["second"],
+        [step] * len(params),
+        [lr] * len(params),
+    )
+    new_params = [w - d for w, d in zip(params, deltas, strict=True)]
+    return new_params, {"step": step, "momenta": momenta, "second": second}
+
+
+class LearnedOptimizer(torch.optim.Optimizer):
+    """``torch.optim.Optimizer`` driven by an :class:`UpdateNetwork`.
+
+    Args:
+        params: parameters or parameter groups (each group may set its own ``lr``).
+        net: the update network (its parameters are not optimised here; it runs under
+            ``no_grad``).
+        lr: ``eta`` (``lr_base``), default 1e-3.
+
+    Per-parameter state: ``step`` (int), ``momenta [k, *shape]``, ``second [*shape]``; it
+    round-trips through ``state_dict`` / ``load_state_dict`` (the network is not part of it:
+    save ``net.state_dict()`` alongside). Parameters whose ``grad`` is ``None`` are skipped
+    (untouched, no state). All parameters with gradients, from every group, go through one
+    packed network call per step.
+    """
+
+    def __init__(self, params: Iterable, net: UpdateNetwork, lr: float = 1e-3) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr must be non-negative, got {lr}")
+        super().__init__(params, dict(lr=lr))
+        self.net = net
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update of every parameter that has a gradient; returns the closure's loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        items, lrs = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["momenta"] = p.new_zeros((len(self.net.betas), *p.shape))
+                    state["second"] = torch.zeros_like(p)
+                state["step"] += 1
+                items.append(p)
+                lrs.append(group["lr"])
+        if not items:
+            return loss
+        net_dtype = next(self.net.parameters()).dtype
+        cast = [p.detach().to(net_dtype) for p in items]
+        deltas, momenta, second = compute_updates(
+            self.net,
+            cast,
+            [p.grad.to(net_dtype) for p in items],
+            [self.state[p]["momenta"].to(net_dtype) for p in items],
+            [self.state[p]["second"].to(net_dtype) for p in items],
+            [self.state[p]["step"] for p in items],
+            lrs,
+        )
+        for p, d, m, v in zip(items, deltas, momenta, second, strict=True):
+            p.sub_(d.to(p.dtype))
+            self.state[p]["momenta"] = m.to(p.dtype)
+            self.state[p]["second"] = v.to(p.dtype)
+        return loss
