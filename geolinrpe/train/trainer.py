@@ -1,0 +1,1063 @@
+r"""The training loop: :func:`run` trains a model from a :class:`~geolinrpe.train.Config`.
+
+What a run does, in order:
+
+1. checks the config (:meth:`Config.validate`: unknown keys, types, data paths) and, under
+   ``torchrun``, joins the process group (gloo on CPU, NCCL on GPU);
+2. seeds torch, numpy and random from ``train.seed``, loads the task's splits, fits the
+   normalisation on the training split and builds the model
+   (:func:`geolinrpe.models.build_model`);
+3. trains with the configured optimizer, warm-up + cosine / plateau / constant schedule,
+   gradient clipping, bf16/fp16 autocast, and evaluates on the validation split every
+   ``train.eval_every`` steps (or epoch), with tqdm progress bars;
+4. writes into ``train.out_dir`` (process 0 only): ``config.yaml``, ``metrics.csv`` (one row
+   per logged step or evaluation), TensorBoard events when ``tensorboard`` is installed,
+   ``last.pt`` at every evaluation and when it stops, ``best.pt`` when the monitored metric
+   improves, ``results.json`` and, at the end, ``learning_curve.png`` and the learned RPE
+   profiles ``rpe/*.png``;
+5. returns the final metrics: validation metrics of the last model, ``test_*`` metrics of
+   the best one.
+
+Determinism and resuming. Epoch ``e`` visits the training split in the order of
+``torch.randperm`` seeded with ``seed + e``, sharded over processes as
+:class:`~torch.utils.data.DistributedSampler` does; data loading never touches the global RNG,
+and evaluation restores it afterwards. A checkpoint holds the config, model, optimizer,
+schedule, gradient scaler, the torch/CUDA/numpy/random RNG states and the position
+(epoch, batch in epoch, step), so ``train.resume`` after an interruption continues with the
+same batches and random draws: the weights equal those of an uninterrupted run.
+
+Distributed runs (``torchrun --nproc_per_node P -m geolinrpe.cli train cfg.yaml``):
+``data.batch_size`` is the global batch, each process takes ``batch_size / P`` of every
+step's batch (the union equals the single-process batch), gradients are averaged by
+DistributedDataParallel, and metrics are summed over processes before they are divided.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import importlib.util
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .config import Config
+from .tasks import Task, build_task
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "EpochSampler",
+    "LRSchedule",
+    "LoadedRun",
+    "build_model",
+    "evaluate",
+    "load_checkpoint",
+    "plot_learning_curve",
+    "plot_rpe_profiles",
+    "predict",
+    "run",
+]
+
+CHECKPOINT_FORMAT = 1
+"""Version of the checkpoint layout (``ckpt["format"]``)."""
+
+
+# ----------------------------------------------------------------------------- processes
+@dataclass
+class DistEnv:
+    """This process's place in a (possibly one-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        """Process 0: the one that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process."""
+        return self.world_size > 1
+
+
+def _select_device(preference: str, local_rank: int) -> torch.device:
+    """``auto``: CUDA device ``local_rank`` when CUDA is available, else the CPU."""
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("config key 'train.device' is 'cuda' but CUDA is not available")
+    return torch.device("cuda", local_rank)
+
+
+def _init_distributed(preference: str) -> DistEnv:
+    """Reads torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and joins the
+    process group (gloo on CPU, NCCL on GPU) unless one is already initialised."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _select_device(preference, local_rank)
+    if world <= 1:
+        return DistEnv(device=device)
+    here = False
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        here = True
+    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, here)
+
+
+def _all_reduce(tensor: Tensor, env: DistEnv, op: str = "sum") -> Tensor:
+    """Sum (or max) over processes, in place; a no-op in a one-process run."""
+    if env.distributed:
+        import torch.distributed as dist
+
+        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
+        work = tensor.to(env.device) if env.device.type == "cuda" else tensor
+        dist.all_reduce(work, op=reduce_op)
+        tensor.copy_(work)
+    return tensor
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- sampling
+class EpochSampler(Sampler[int]):
+    """This process's share of an epoch's order, reproducible from ``(seed, epoch)``.
+
+    The order is ``torch.randperm(n)`` seeded with ``seed + epoch`` (``arange`` without
+    ``shuffle``), padded by wrapping around to a multiple of ``world_size`` when ``pad``
+    (every process then takes the same number of batches), and process ``rank`` takes
+    positions ``rank, rank + world_size, ...``: with a per-process batch of ``B / P``, the
+    processes' ``k``-th batches together are the ``k``-th batch of size ``B`` of a one-process
+    run. ``set_epoch(e, skip)`` starts epoch ``e`` after its first ``skip`` indices of this
+    process (resuming mid-epoch).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pad: bool = True,
+    ) -> None:
+        self.n, self.shuffle, self.seed = n, shuffle, seed
+        self.rank, self.world_size, self.pad = rank, world_size, pad
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Iterate over epoch ``epoch``'s order, leaving out its first ``skip`` indices."""
+        self.epoch, self.skip = epoch, skip
+
+    def indices(self) -> list[int]:
+        """This process's indices of the current epoch, before skipping."""
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.n % self.world_size:
+            extra = self.world_size - self.n % self.world_size
+            order += (order * math.ceil(extra / max(self.n, 1)))[:extra]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices()[self.skip :])
+
+    def __len__(self) -> int:
+        return max(len(self.indices()) - self.skip, 0)
+
+
+# ----------------------------------------------------------------------------- schedule
+class LRSchedule:
+    """Learning rate per optimizer step: linear warm-up, then ``cosine`` decay to ``min_lr``
+    at ``total_steps``, ``constant``, or ``plateau`` (a factor applied after ``patience``
+    evaluations without improvement, floored at ``min_lr``).
+
+    Call :meth:`step` after each optimizer step and :meth:`observe` after each evaluation;
+    :meth:`state_dict` / :meth:`load_state_dict` checkpoint it.
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        kind: str,
+        base_lr: float,
+        total_steps: int,
+        warmup_steps: int = 0,
+        min_lr: float = 0.0,
+        factor: float = 0.5,
+        patience: int = 5,
+        higher_is_better: bool = False,
+    ) -> None:
+        self.optimizer, self.kind, self.base_lr = optimizer, kind, base_lr
+        self.total_steps, self.warmup_steps, self.min_lr = total_steps, warmup_steps, min_lr
+        self.factor, self.patience, self.higher_is_better = factor, patience, higher_is_better
+        self.steps, self.scale, self.best, self.bad = 0, 1.0, None, 0
+        self._apply()
+
+    def lr(self) -> float:
+        """The learning rate of the next optimizer step."""
+        s = self.steps
+        warm = min(1.0, (s + 1) / self.warmup_steps) if self.warmup_steps else 1.0
+        if self.kind == "cosine":
+            span = max(self.total_steps - self.warmup_steps, 1)
+            t = min(max(s - self.warmup_steps, 0) / span, 1.0)
+            lr = self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * t))
+            return lr * warm if s < self.warmup_steps else lr
+        if self.kind == "plateau":
+            return max(self.base_lr * self.scale, self.min_lr) * warm
+        return self.base_lr * warm
+
+    def _apply(self) -> None:
+        lr = self.lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def step(self) -> None:
+        """Advance one optimizer step and set the next learning rate."""
+        self.steps += 1
+        self._apply()
+
+    def observe(self, metric: float) -> None:
+        """A validation metric; ``plateau`` decays after ``patience`` without improvement."""
+        if self.kind != "plateau" or not math.isfinite(metric):
+            return
+        better = self.best is None or (
+            metric > self.best if self.higher_is_better else metric < self.best
+        )
+        if better:
+            self.best, self.bad = metric, 0
+            return
+        self.bad += 1
+        if self.bad >= self.patience:
+            self.scale *= self.factor
+            self.bad = 0
+            self._apply()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and plateau state (the configuration comes from the config)."""
+        return {"steps": self.steps, "scale": self.scale, "best": self.best, "bad": self.bad}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` and set the learning rate it implies."""
+        self.steps, self.scale = int(state["steps"]), float(state["scale"])
+        self.best, self.bad = state["best"], int(state["bad"])
+        self._apply()
+
+
+# ------------------------------------------------------------------------------ models
+def build_model(cfg: Config, task: Task) -> nn.Module:
+    """``geolinrpe.models.build_model(cfg.model.name, ...)`` with the model section's options
+    (:meth:`Config.model_kwargs`) and what the task derives from the data
+    (:meth:`Task.model_kwargs`, e.g. ``num_targets`` and the target statistics).
+
+    Raises:
+        ValueError: the model cannot learn the task or rejects a value; the message names
+            the config key.
+    """
+    from ..models import build_model as build
+    from ..models import model_options
+
+    name = cfg.model.name
+    kwargs = cfg.model_kwargs()
+    accepted = model_options(name)
+    for key, value in task.model_kwargs().items():
+        if key in accepted:
+            kwargs[key] = value
+        elif key in _REQUIRED_TASK_KWARGS:
+            raise ValueError(
+                f"config key 'model.name': model {name!r} cannot learn task {task.name!r} "
+                f"(it has no option {key!r})"
+            )
+    try:
+        return build(name, **kwargs)
+    except ValueError as err:
+        raise ValueError(f"config key 'model' (model {name!r}): {err}") from err
+
+
+# Task-derived options a model must take to learn the task (others, such as ``max_len``,
+# are passed when the model has them).
+_REQUIRED_TASK_KWARGS = {
+    "num_targets",
+    "num_classes",
+    "in_channels",
+    "vocab_size",
+    "predict_forces",
+}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def _autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------ RNG
+def _rng_state() -> dict[str, Any]:
+    """torch (CPU and every CUDA device), numpy and random states, as tensors and tuples
+    (loadable with ``torch.load(weights_only=True)``)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- evaluation
+def _move(batch: Any, device: torch.device) -> Any:
+    return batch.to(device) if hasattr(batch, "to") else batch
+
+
+def _evaluate(
+    model: nn.Module,
+    task: Task,
+    dataset: Dataset,
+    batch_size: int,
+    env: DistEnv,
+    precision: str = "fp32",
+    progress: bool = False,
+    desc: str = "eval",
+) -> dict[str, float]:
+    """Metrics of ``model`` on ``dataset``: each process takes every ``world_size``-th item,
+    the sums of :meth:`Task.batch_stats` are added over processes, then divided. The global
+    RNG state is restored afterwards, so evaluating never changes a training run."""
+    from tqdm.auto import tqdm
+
+    rng = _rng_state()
+    model = _unwrap(model)
+    was_training = model.training
+    model.eval()
+    sampler = EpochSampler(len(dataset), False, 0, env.rank, env.world_size, pad=False)
+    loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=task.collate)
+    sums: dict[str, Tensor] = {}
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and env.is_main))
+    for batch in bar:
+        batch = _move(batch, env.device)
+        grad = torch.enable_grad() if task.needs_grad else torch.no_grad()
+        with grad, _autocast(env.device, precision):
+            out = task.forward(model, batch)
+        with torch.no_grad():
+            for key, value in task.batch_stats(out, batch).items():
+                value = value.detach().double().cpu()
+                sums[key] = sums[key] + value if key in sums else value
+    if env.distributed:
+        if not sums:  # this process's share was empty: reduce zeros of the same shapes
+            sums = _zero_stats(task, model, dataset, env)
+        for key in sorted(sums):
+            _all_reduce(sums[key], env)
+    model.train(was_training)
+    _set_rng_state(rng)
+    return task.compute_metrics(sums)
+
+
+def _zero_stats(task: Task, model: nn.Module, dataset: Dataset, env: DistEnv):
+    """Zero sums shaped like :meth:`Task.batch_stats` (from one item), for a process whose
+    share of the evaluation split is empty."""
+    batch = _move(task.collate([dataset[0]]), env.device)
+    with torch.enable_grad() if task.needs_grad else torch.no_grad():
+        stats = task.batch_stats(task.forward(model, batch), batch)
+    return {k: torch.zeros_like(v.detach().double().cpu()) for k, v in stats.items()}
+
+
+# ------------------------------------------------------------------------------ logging
+class _MetricsLog:
+    """``metrics.csv`` (wide: one column per quantity, empty where a row has no value) and,
+    when the ``tensorboard`` package is installed and wanted, TensorBoard scalars."""
+
+    def __init__(self, out_dir: Path, columns: list[str], resume_step: int | None, tb: bool):
+        self.path = out_dir / "metrics.csv"
+        self.columns = columns
+        kept: list[dict[str, str]] = []
+        if resume_step is not None and self.path.is_file():
+            with self.path.open(newline="") as f:
+                kept = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(kept)
+        self.writer = None
+        if tb:
+            if importlib.util.find_spec("tensorboard") is None:
+                _say(
+                    "TensorBoard logging off: the 'tensorboard' package is not installed "
+                    "(pip install tensorboard); metrics go to metrics.csv"
+                )
+            else:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row (missing columns stay empty) and its TensorBoard scalars."""
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore").writerow(
+                {k: _csv_value(v) for k, v in row.items()}
+            )
+        if self.writer is not None:
+            step = int(row["step"])
+            for key, value in row.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self.writer.add_scalar(key.replace("_", "/", 1), value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        """Close the TensorBoard writer."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _csv_value(value: Any) -> Any:
+    return f"{value:.8g}" if isinstance(value, float) else value
+
+
+def _say(message: str, env: DistEnv | None = None) -> None:
+    """Print a line without breaking progress bars (process 0 only when ``env`` is given)."""
+    from tqdm.auto import tqdm
+
+    if env is None or env.is_main:
+        tqdm.write(message)
+
+
+# -------------------------------------------------------------------------------- plots
+def plot_learning_curve(csv_path: str | Path, png_path: str | Path, task: Task | None = None):
+    """Draw ``train_loss`` and ``valid_loss`` against the step from ``metrics.csv`` (and, with
+    ``task``, the main validation metric in a second panel) into ``png_path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with Path(csv_path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pairs = [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    main = None if task is None else f"valid_{task.main_metric}"
+    panels = 2 if main is not None and series(main)[0] else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    for key, style in (("train_loss", "-"), ("valid_loss", "o-")):
+        steps, values = series(key)
+        if steps:
+            ax.plot(steps, values, style, label=key.replace("_", " "), markersize=3)
+    steps, values = series("train_loss")
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title("learning curve")
+    ax.legend()
+    if panels == 2:
+        ax = axes[0][1]
+        steps, values = series(main)
+        unit = task.metric_unit(task.main_metric)
+        if unit == "eV" and task.name == "qm9":
+            values, unit = [v * 1000 for v in values], "meV"
+        ax.plot(steps, values, "o-", color="C1", markersize=3)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"valid {task.main_metric}" + (f" ({unit})" if unit else ""))
+        ax.set_title(f"validation {task.main_metric}")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
+def plot_rpe_profiles(model: nn.Module, folder: str | Path) -> list[Path]:
+    """Save ``f`` of every RPE with a closed form ``f(Delta)`` (a
+    :class:`~geolinrpe.rpe.FourierRPE` that :func:`geolinrpe.rpe.plot` can draw) in the
+    model as ``folder/<module name>.png``; returns the paths. RPEs without one (e.g.
+    ``flt-periodic``, whose ``f`` needs the cell) are skipped with a note."""
+    from ..rpe import FourierRPE
+    from ..rpe import plot as plot_rpe
+
+    paths = []
+    for name, module in _unwrap(model).named_modules():
+        if not isinstance(module, FourierRPE):
+            continue
+        try:
+            paths.append(plot_rpe(module, Path(folder) / f"{name or 'rpe'}.png"))
+        except (ValueError, RuntimeError, NotImplementedError) as err:
+            _say(f"no RPE profile for {name} ({type(module).__name__}): {err}")
+    return paths
+
+
+# ------------------------------------------------------------------------------ training
+class _Trainer:
+    """State of one training run; :meth:`fit` runs it (see the module docstring)."""
+
+    def __init__(self, cfg: Config, env: DistEnv) -> None:
+        self.cfg, self.env = cfg, env
+        t = cfg.train
+        if t.num_threads is not None:
+            torch.set_num_threads(t.num_threads)
+        self.out = Path(t.out_dir)
+        self.resume_path = self._resume_path()
+
+        # data (process 0 first: it may build a cache the others then read)
+        self.task = build_task(cfg)
+        if not env.is_main:
+            _barrier(env)
+        self.splits = self.task.datasets()
+        if env.is_main:
+            _barrier(env)
+        if self.splits.get("train") is None or len(self.splits["train"]) == 0:
+            raise ValueError("config key 'data': the training split is empty")
+        if self.splits.get("valid") is None or len(self.splits["valid"]) == 0:
+            raise ValueError("config key 'data': the validation split is empty")
+        self.task.fit_state(self.splits["train"])
+
+        d = cfg.data
+        if d.batch_size % env.world_size:
+            raise ValueError(
+                f"config key 'data.batch_size' ({d.batch_size}) must be divisible by the "
+                f"number of processes ({env.world_size})"
+            )
+        self.local_batch = d.batch_size // env.world_size
+        self.eval_batch = max((d.eval_batch_size or d.batch_size) // env.world_size, 1)
+        self.sampler = EpochSampler(
+            len(self.splits["train"]), True, t.seed, env.rank, env.world_size, pad=True
+        )
+        self.steps_per_epoch = math.ceil(len(self.sampler.indices()) / self.local_batch)
+        self.total_steps = t.epochs * self.steps_per_epoch
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+
+        # model, optimizer, schedule (the seed again: the initialisation does not depend on
+        # what loading the data drew)
+        _seed_everything(t.seed)
+        model = build_model(cfg, self.task).to(env.device)
+        self.model: nn.Module = model
+        if env.distributed:
+            self.model = nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                find_unused_parameters=t.find_unused_parameters,
+            )
+        self.optimizer = self._optimizer(model)
+        o = cfg.optim
+        self.schedule = LRSchedule(
+            self.optimizer,
+            o.schedule,
+            o.lr,
+            self.total_steps,
+            o.warmup_steps,
+            o.min_lr,
+            o.plateau_factor,
+            o.plateau_patience,
+            self.task.higher_is_better,
+        )
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=t.precision == "fp16")
+        self.monitor = t.monitor or self.task.main_metric
+        if self.monitor not in self.task.metric_names:
+            raise ValueError(
+                f"config key 'train.monitor': {self.monitor!r} is not a metric of task "
+                f"{self.task.name!r} ({', '.join(self.task.metric_names)})"
+            )
+
+        # position
+        self.step = self.epoch = self.batch_in_epoch = 0
+        self.best: float | None = None
+        self.best_step = -1
+        self.bad_evals = 0
+        self.elapsed = 0.0
+        self.saved_step = -1
+        self.window = torch.zeros(2, dtype=torch.float64)  # training loss since last log, steps
+        self.last_valid: dict[str, float] = {}
+        self.best_state: dict[str, Tensor] | None = None
+        resume_step = None
+        if self.resume_path is not None:
+            resume_step = self._load(self.resume_path)
+        elif (self.out / "last.pt").is_file():
+            _say(
+                f"starting afresh in {self.out}: its last.pt and metrics.csv will be replaced "
+                "(train.resume=auto continues a run instead)",
+                env,
+            )
+        self.log = None
+        if env.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml())
+            columns = ["step", "epoch", "elapsed_s", "lr", "train_loss", "grad_norm"]
+            columns += [f"valid_{m}" for m in self.task.metric_names]
+            columns += [f"test_{m}" for m in self.task.metric_names]
+            self.log = _MetricsLog(self.out, columns, resume_step, t.tensorboard)
+
+    # ---------------------------------------------------------------------------- setup
+    def _resume_path(self) -> Path | None:
+        resume = self.cfg.train.resume
+        if resume is None:
+            return None
+        if resume == "auto":
+            path = self.out / "last.pt"
+            return path if path.is_file() else None
+        return Path(resume)
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        params = [p for p in model.parameters() if p.requires_grad]
+        if o.optimizer == "adamw":
+            return torch.optim.AdamW(
+                params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            )
+        if o.optimizer == "adam":
+            return torch.optim.Adam(
+                params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay
+            )
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+
+    # ------------------------------------------------------------------------ checkpoints
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "task": self.task.name,
+            "task_state": self.task.state,
+            "model": _unwrap(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best": {"metric": self.best, "step": self.best_step, "bad_evals": self.bad_evals},
+            "monitor": self.monitor,
+            "valid_metrics": dict(self.last_valid),
+            "elapsed_s": self.elapsed,
+            "world_size": self.env.world_size,
+            "versions": {"torch": str(torch.__version__), "geolinrpe": _package_version()},
+        }
+
+    def _save(self, best: bool = False, collective: bool = True) -> None:
+        """Write ``last.pt`` (and ``best.pt``) from process 0, atomically.
+
+        ``collective``: every process calls this at the same step, so the running training
+        loss is summed over processes and stored as each one's equal share."""
+        self.saved_step = self.step
+        window = self.window.clone()
+        if collective and self.env.distributed:
+            window = _all_reduce(window, self.env) / self.env.world_size
+        if not self.env.is_main:
+            return
+        state = self._state()
+        state["loss_window"] = window
+        for name in ("last.pt", "best.pt") if best else ("last.pt",):
+            tmp = self.out / f".{name}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, self.out / name)
+
+    def _load(self, path: Path) -> int:
+        """Restore a checkpoint (same data and model config required); returns its step."""
+        ckpt = _read_checkpoint(path)
+        saved = Config.from_dict(ckpt["config"])
+        free = {"num_workers", "eval_batch_size"}  # may change between invocations
+        for section in ("data", "model"):
+            ours, theirs = getattr(self.cfg, section), getattr(saved, section)
+            for key, value in vars(ours).items():
+                if key not in free and getattr(theirs, key) != value:
+                    raise ValueError(
+                        f"config key '{section}.{key}' differs from the checkpoint {path} "
+                        f"({value!r} vs {getattr(theirs, key)!r}); resume with the same data "
+                        "and model"
+                    )
+        _unwrap(self.model).load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+        self.batch_in_epoch = int(ckpt["batch_in_epoch"])
+        self.best, self.best_step = ckpt["best"]["metric"], int(ckpt["best"]["step"])
+        self.bad_evals = int(ckpt["best"]["bad_evals"])
+        self.last_valid = dict(ckpt.get("valid_metrics", {}))
+        self.elapsed = float(ckpt["elapsed_s"])
+        self.window = ckpt["loss_window"].clone()
+        self.saved_step = self.step
+        _set_rng_state(ckpt["rng"])
+        if ckpt.get("world_size", 1) != self.env.world_size and self.batch_in_epoch:
+            raise ValueError(
+                f"{path} stopped mid-epoch in a run of {ckpt.get('world_size', 1)} processes; "
+                f"resume it with the same number of processes (now {self.env.world_size})"
+            )
+        _say(f"resumed from {path} at step {self.step} (epoch {self.epoch})", self.env)
+        return self.step
+
+    # --------------------------------------------------------------------------- steps
+    def _train_step(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """One optimizer step; returns the loss and the gradient norm before clipping."""
+        t, o = self.cfg.train, self.cfg.optim
+        batch = _move(batch, self.env.device)
+        self.model.train()
+        with _autocast(self.env.device, t.precision):
+            out = self.task.forward(self.model, batch)
+        loss = self.task.loss(out, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        norm = None
+        if o.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.schedule.step()
+        return loss.detach(), norm
+
+    def _validate(self) -> dict[str, float]:
+        """Evaluate, track the best model, step ``plateau``, checkpoint and log."""
+        t = self.cfg.train
+        metrics = _evaluate(
+            self.model,
+            self.task,
+            self.splits["valid"],
+            self.eval_batch,
+            self.env,
+            t.precision,
+            t.progress,
+            desc="valid",
+        )
+        self.last_valid = metrics
+        value = metrics[self.monitor]
+        better = self.best is None or (
+            value > self.best if self.task.higher_is_better else value < self.best
+        )
+        if better:
+            self.best, self.best_step, self.bad_evals = value, self.step, 0
+            self.best_state = {
+                k: v.detach().clone() for k, v in _unwrap(self.model).state_dict().items()
+            }
+        else:
+            self.bad_evals += 1
+        self.schedule.observe(value)
+        self._save(best=better)
+        if self.log is not None:
+            row = {"step": self.step, "epoch": self.epoch, "elapsed_s": self.elapsed}
+            row.update({f"valid_{k}": v for k, v in metrics.items()})
+            self.log.write(row)
+        best = f" (best {self.monitor} at step {self.best_step})"
+        _say(f"step {self.step} valid: {self.task.format_metrics(metrics)}{best}", self.env)
+        return metrics
+
+    def _should_stop(self, started: float, steps_this_run: int) -> str | None:
+        """Why training stops now (the same answer on every process), or ``None``."""
+        t = self.cfg.train
+        if self.step >= self.total_steps:
+            return "done"
+        if t.early_stopping_patience is not None and self.bad_evals >= t.early_stopping_patience:
+            return "early stopping"
+        if t.stop_after_steps is not None and steps_this_run >= t.stop_after_steps:
+            return "stop_after_steps"
+        if t.time_limit_min is not None:
+            over = torch.tensor([float(time.time() - started > 60 * t.time_limit_min)])
+            if _all_reduce(over, self.env, op="max").item() > 0:
+                return "time limit"
+        return None
+
+    # ----------------------------------------------------------------------------- fit
+    def fit(self) -> dict[str, float]:
+        """Train until the end, early stopping, ``stop_after_steps`` or the time limit; see
+        :func:`run` for what it returns."""
+        from tqdm.auto import tqdm
+
+        t = self.cfg.train
+        started = time.time()
+        elapsed0 = self.elapsed
+        steps_this_run = 0
+        mid_step = False
+        stop = self._should_stop(started, steps_this_run)
+        if self.env.is_main:
+            n = {k: (len(v) if v is not None else 0) for k, v in self.splits.items()}
+            params = sum(p.numel() for p in self.model.parameters())
+            _say(
+                f"{self.task.name}: {n['train']} train / {n['valid']} valid / {n['test']} test "
+                f"items; model {self.cfg.model.name} ({params:,} parameters) on "
+                f"{self.env.device} x{self.env.world_size}; {self.total_steps} steps "
+                f"({self.steps_per_epoch} per epoch, batch {self.cfg.data.batch_size})"
+            )
+        try:
+            while stop is None:
+                self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.local_batch)
+                loader = DataLoader(
+                    self.splits["train"],
+                    batch_size=self.local_batch,
+                    sampler=self.sampler,
+                    collate_fn=self.task.collate,
+                    num_workers=self.cfg.data.num_workers,
+                    generator=torch.Generator().manual_seed(t.seed + self.epoch),
+                )
+                bar = tqdm(
+                    total=self.steps_per_epoch,
+                    initial=self.batch_in_epoch,
+                    desc=f"epoch {self.epoch}",
+                    disable=not (t.progress and self.env.is_main),
+                    dynamic_ncols=True,
+                )
+                for batch in loader:
+                    lr = self.schedule.lr()
+                    mid_step = True  # model/optimizer ahead of the counters until updated
+                    loss, norm = self._train_step(batch)
+                    self.step += 1
+                    steps_this_run += 1
+                    self.batch_in_epoch += 1
+                    mid_step = False
+                    self.elapsed = elapsed0 + time.time() - started
+                    self.window += torch.tensor([float(loss), 1.0], dtype=torch.float64)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss):.4g}", lr=f"{lr:.2e}")
+                    end_of_epoch = self.batch_in_epoch == self.steps_per_epoch
+                    if end_of_epoch:
+                        self.epoch += 1
+                        self.batch_in_epoch = 0
+                    if self.step % t.log_every == 0 or end_of_epoch:
+                        _all_reduce(self.window, self.env)
+                        if self.log is not None:
+                            row = {
+                                "step": self.step,
+                                "epoch": self.epoch,
+                                "elapsed_s": self.elapsed,
+                                "lr": lr,
+                                "train_loss": float(self.window[0] / self.window[1]),
+                            }
+                            if norm is not None:
+                                row["grad_norm"] = float(norm)
+                            self.log.write(row)
+                        self.window.zero_()
+                    due = (
+                        self.step % t.eval_every == 0 if t.eval_every is not None else end_of_epoch
+                    )
+                    if due or self.step == self.total_steps:
+                        self._validate()
+                    elif t.save_every is not None and self.step % t.save_every == 0:
+                        self._save()
+                    stop = self._should_stop(started, steps_this_run)
+                    if stop is not None or end_of_epoch:
+                        break
+                bar.close()
+        except KeyboardInterrupt:
+            if not mid_step and self.saved_step != self.step:
+                self._save(collective=False)
+            _say(
+                f"interrupted at step {self.step}; resume with train.resume={self.out}/last.pt",
+                self.env,
+            )
+            raise
+        if self.saved_step != self.step:
+            self._save()
+        finished = stop in ("done", "early stopping")
+        _say(f"stopped at step {self.step} ({stop})", self.env)
+        results = {
+            "step": float(self.step),
+            "epoch": float(self.epoch),
+            "completed": float(finished),
+            "elapsed_s": self.elapsed,
+        }
+        if not finished:
+            return results
+        results.update({f"valid_{k}": v for k, v in self.last_valid.items()})
+        if self.best is not None:
+            results[f"best_valid_{self.monitor}"] = float(self.best)
+            results["best_step"] = float(self.best_step)
+        if self.splits.get("test") is not None and len(self.splits["test"]):
+            test = self._test()
+            results.update({f"test_{k}": v for k, v in test.items()})
+        if self.env.is_main:
+            (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            if self.log is not None:
+                self.log.close()
+            if t.plot:
+                self._plot()
+        _barrier(self.env)
+        return results
+
+    def _plot(self) -> None:
+        """``learning_curve.png`` and ``rpe/*.png`` of the best model; a plotting problem is
+        reported, never fatal to a finished run."""
+        try:
+            plot_learning_curve(
+                self.out / "metrics.csv", self.out / "learning_curve.png", self.task
+            )
+            model = _unwrap(self.model)
+            current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            if self.best_state is not None:
+                model.load_state_dict(self.best_state)
+            plot_rpe_profiles(model, self.out / "rpe")
+            model.load_state_dict(current)
+        except Exception as err:  # plots are a by-product: never fail a finished run
+            _say(f"plotting failed: {type(err).__name__}: {err}")
+
+    def _test(self) -> dict[str, float]:
+        """Test metrics of the best model (``best.pt``), written as the last CSV row."""
+        model = _unwrap(self.model)
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        best = self.best_state
+        if best is None and (self.out / "best.pt").is_file():
+            _barrier(self.env)
+            best = _read_checkpoint(self.out / "best.pt")["model"]
+        if best is not None:
+            model.load_state_dict(best)
+        t = self.cfg.train
+        metrics = _evaluate(
+            model, self.task, self.splits["test"], self.eval_batch, self.env, t.precision
+        )
+        model.load_state_dict(current)
+        if self.log is not None:
+            row = {"step": self.step, "epoch": self.epoch, "elapsed_s": self.elapsed}
+            row.update({f"test_{k}": v for k, v in metrics.items()})
+            self.log.write(row)
+        _say(
+            f"test (best model, step {self.best_step}): {self.task.format_metrics(metrics)}",
+            self.env,
+        )
+        return metrics
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("geolinrpe")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def run(cfg: Config) -> dict[str, float]:
+    """Train as ``cfg`` says (see the module docstring) and return the final metrics.
+
+    Returns:
+        ``step``, ``epoch``, ``completed`` (1.0 when training ran to its end or stopped
+        early, 0.0 after ``stop_after_steps`` or the time limit), ``elapsed_s``; when
+        completed also ``valid_<metric>`` (last model), ``best_valid_<monitor>``,
+        ``best_step`` and ``test_<metric>`` (best model, when there is a test split).
+
+    Raises:
+        ValueError: a config or data problem, naming the config key, before training starts.
+    """
+    cfg.validate()
+    env = _init_distributed(cfg.train.device)
+    try:
+        return _Trainer(cfg, env).fit()
+    finally:
+        if env.initialized_here:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------ reloading
+@dataclass
+class LoadedRun:
+    """A model rebuilt from a checkpoint, with its config and task (no training data)."""
+
+    cfg: Config
+    task: Task
+    model: nn.Module
+    checkpoint: dict[str, Any]
+    device: torch.device
+
+
+def _read_checkpoint(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: checkpoints hold tensors and plain data
+    only, so nothing in the file can run code."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable geolinrpe checkpoint: {err}") from err
+
+
+def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedRun:
+    """Rebuild the model of a ``last.pt``/``best.pt`` on ``device`` in eval mode.
+
+    Raises:
+        ValueError: the file is missing or is not a geolinrpe checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    ckpt = _read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
+        raise ValueError(f"{path} is not a geolinrpe training checkpoint")
+    cfg = Config.from_dict(ckpt["config"])
+    task = build_task(cfg, ckpt["task_state"])
+    dev = _select_device(device, 0)
+    model = build_model(cfg, task)
+    model.load_state_dict(ckpt["model"])
+    model.to(dev).eval()
+    return LoadedRun(cfg, task, model, ckpt, dev)
+
+
+def evaluate(
+    loaded: LoadedRun, split: str = "test", batch_size: int | None = None
+) -> dict[str, float]:
+    """Metrics of a reloaded model on one split (``train``, ``valid`` or ``test``) of its
+    config's data (paths as saved in the checkpoint's config)."""
+    loaded.cfg.validate()
+    datasets = loaded.task.datasets()
+    if split not in datasets or datasets[split] is None:
+        raise ValueError(f"split {split!r} is not available; choose one of {sorted(datasets)}")
+    env = DistEnv(device=loaded.device)
+    size = batch_size or loaded.cfg.data.eval_batch_size or loaded.cfg.data.batch_size
+    return _evaluate(loaded.model, loaded.task, datasets[split], size, env)
+
+
+def predict(loaded: LoadedRun, items: list[Any], batch_size: int = 32) -> list[dict[str, Any]]:
+    """Prediction rows (:meth:`Task.prediction_rows`) for a list of ``Data`` items, in order."""
+    rows: list[dict[str, Any]] = []
+    model = loaded.model.eval()
+    for start in range(0, len(items), batch_size):
+        batch = _move(loaded.task.collate(items[start : start + batch_size]), loaded.device)
+        grad = torch.enable_grad() if loaded.task.needs_grad else torch.no_grad()
+        with grad:
+            out = loaded.task.forward(model, batch)
+        rows += loaded.task.prediction_rows(out, batch)
+    return rows
