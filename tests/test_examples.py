@@ -1,0 +1,121 @@
+"""The example scripts (examples/*.py) and benchmarks/qm9_budget.py run end to end.
+
+Each ``main()`` runs with a tiny budget (a few optimizer steps on a few items, one thread, no
+plots) and must return its metric and write its run files. The full default runs take
+minutes and are not run here (their measured figures are in each script's docstring).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["train.plot=false", "train.num_threads=1", "train.tensorboard=false"]
+
+
+def _load(relative: str):
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def qm9_cache(tmp_path_factory) -> Path:
+    """A QM9 cache folder shared by the QM9 tests (built from qm9pack on first use)."""
+    return tmp_path_factory.mktemp("qm9")
+
+
+def _run_files(out: Path) -> None:
+    for name in ("config.yaml", "metrics.csv", "last.pt"):
+        assert (out / name).is_file(), name
+
+
+def test_qm9_property(tmp_path, qm9_cache, capsys):
+    main = _load("examples/qm9_property.py").main
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--data", str(qm9_cache), "--max-molecules", "300"]
+    args += ["--train-size", "32", "--test-size", "16", "--epochs", "1"]
+    results = main(args + ["--set", "data.batch_size=16", *FAST])
+    assert results["completed"] == 1.0
+    assert math.isfinite(results["test_mae_mev"]) and results["test_mae_mev"] > 0
+    assert "meV" in capsys.readouterr().out
+    _run_files(out)
+    assert (out / "results.json").is_file()
+
+
+def test_qm9_property_time_limit(tmp_path, qm9_cache):
+    """A time-limited run returns no test metrics from ``run``: the example evaluates the
+    checkpoint instead."""
+    main = _load("examples/qm9_property.py").main
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--data", str(qm9_cache), "--max-molecules", "300"]
+    args += ["--train-size", "32", "--test-size", "16", "--minutes", "0.001"]
+    results = main(args + ["--set", "data.batch_size=16", *FAST])
+    assert results["completed"] == 0.0
+    assert math.isfinite(results["test_mae_mev"])
+    _run_files(out)
+
+
+def test_oc20_is2re(tmp_path, capsys):
+    main = _load("examples/oc20_is2re.py").main
+    out = tmp_path / "run"
+    data = tmp_path / "oc20" / "is2re.lmdb"
+    args = ["--out", str(out), "--data", str(data), "--systems", "20", "--test-size", "4"]
+    results = main(args + ["--epochs", "1", "--set", "data.batch_size=8", *FAST])
+    assert math.isfinite(results["test_energy_mae_ev"]) and results["test_energy_mae_ev"] > 0
+    assert " eV" in capsys.readouterr().out
+    _run_files(out)
+
+
+def test_point_cloud_classification(tmp_path):
+    main = _load("examples/point_cloud_classification.py").main
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--train-size", "32", "--test-size", "16", "--points", "32"]
+    results = main(args + ["--epochs", "1", "--set", *FAST])
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    _run_files(out)
+
+
+def test_image_patches(tmp_path):
+    main = _load("examples/image_patches.py").main
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--train-size", "64", "--epochs", "1"]
+    results = main(args + ["--set", "data.valid_size=32", "data.test_size=32", *FAST])
+    assert 0.0 <= results["test_accuracy"] <= 1.0
+    _run_files(out)
+
+
+def test_sequence_lm(tmp_path):
+    main = _load("examples/sequence_lm.py").main
+    out = tmp_path / "run"
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    args = ["--out", str(out), "--data", str(text), "--steps", "3", "--seq-len", "32"]
+    results = main(args + ["--test-size", "8", "--set", *FAST])
+    # an untrained model over a ~30-character vocabulary: perplexity of that order
+    assert 1.0 < results["test_perplexity"] < 200.0
+    _run_files(out)
+
+
+def test_qm9_budget_benchmark(tmp_path, qm9_cache, capsys):
+    main = _load("benchmarks/qm9_budget.py").main
+    report_path = tmp_path / "report.json"
+    args = ["--out", str(tmp_path / "runs"), "--data", str(qm9_cache), "--json", str(report_path)]
+    args += ["--train-size", "32", "--test-size", "16", "--minutes", "0.002", "--threads", "1"]
+    report = main(args + ["--set", "data.max_molecules=300", "data.batch_size=16"])
+    rows = {r["model"]: r for r in report["rows"]}
+    assert set(rows) == {"flt", "linear", "exact", "schnet"}
+    for row in rows.values():
+        assert math.isfinite(row["test_mae_mev"]) and row["steps"] >= 1
+        assert row["train_mol_per_s"] > 0 and row["infer_mol_per_s"] > 0
+    assert isinstance(report["target"]["passed"], bool)
+    assert json.loads(report_path.read_text())["rows"][0]["model"] == "flt"
+    printed = capsys.readouterr().out
+    assert "| model |" in printed and ("target: PASS" in printed or "target: FAIL" in printed)
