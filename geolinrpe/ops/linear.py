@@ -90,7 +90,7 @@ def linear_attention(
         batch: ``[n]`` sorted graph ids (packed only).
         causal: token i attends to tokens ``j <= i`` of its own sequence or graph.
         normalize: ``"masked"``, ``"kernel"`` or ``"none"`` (module docstring).
-        chunk_size: tokens per chunk (default: from a 64 MiB buffer budget; 64 if causal).
+        chunk_size: tokens per chunk (default: from a 32 MiB buffer budget; 64 if causal).
         check_finite: reject NaN/inf in q, k, v, pos.
 
     Returns:
