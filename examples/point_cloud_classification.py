@@ -18,20 +18,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from geolinrpe.train import Config, evaluate, load_checkpoint, run
+from geolinrpe.train import Config, final_test_metrics, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "point_cloud.yaml"
-
-
-def test_metrics(results: dict[str, float], out: Path) -> dict[str, float]:
-    """``test_*`` metrics: from ``run``'s results, or (after a time limit, when ``run``
-    returns none) from evaluating ``best.pt`` (else ``last.pt``) on the test split."""
-    found = {k[5:]: v for k, v in results.items() if k.startswith("test_")}
-    if found:
-        return found
-    ckpt = out / "best.pt" if (out / "best.pt").is_file() else out / "last.pt"
-    return evaluate(load_checkpoint(ckpt, device="cpu"), "test")
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -59,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         overrides.append(f"train.time_limit_min={args.minutes}")
     cfg = Config.load(CONFIG, overrides + list(args.set))
     results = run(cfg)
-    results["test_accuracy"] = test_metrics(results, Path(cfg.train.out_dir))["accuracy"]
+    results["test_accuracy"] = final_test_metrics(results, Path(cfg.train.out_dir))["accuracy"]
     print(
         f"point-cloud test accuracy: {results['test_accuracy']:.3f} "
         f"({cfg.data.test_size} clouds, {results['elapsed_s']:.0f} s training)"

@@ -1061,3 +1061,14 @@ def predict(loaded: LoadedRun, items: list[Any], batch_size: int = 32) -> list[d
             out = loaded.task.forward(model, batch)
         rows += loaded.task.prediction_rows(out, batch)
     return rows
+
+
+def final_test_metrics(results: dict[str, float], out_dir: str | Path) -> dict[str, float]:
+    """``test_*`` metrics of a finished run: from :func:`run`'s results or, when a time limit
+    stopped it before testing, by evaluating ``best.pt`` (else ``last.pt``) on the test split."""
+    found = {k[5:]: v for k, v in results.items() if k.startswith("test_")}
+    if found:
+        return found
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "best.pt" if (out_dir / "best.pt").is_file() else out_dir / "last.pt"
+    return evaluate(load_checkpoint(ckpt, device="cpu"), "test")

@@ -198,7 +198,9 @@ def test_bf16_autocast_and_constant_schedule(qm9_root, tmp_path):
     assert float(rows[0]["lr"]) == pytest.approx(3e-3)  # after the 2 warm-up steps
 
 
-@pytest.mark.skipif(not HAS_TENSORBOARD, reason="needs the optional extra geolinrpe[tensorboard] (the 'tensorboard' package)")
+@pytest.mark.skipif(
+    not HAS_TENSORBOARD, reason="needs the optional extra geolinrpe[tensorboard] (tensorboard)"
+)
 def test_tensorboard_events_are_written(qm9_root, tmp_path):
     run(tiny(qm9_root, tmp_path, "train.epochs=1"))
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
