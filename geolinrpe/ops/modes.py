@@ -94,12 +94,6 @@ class MaskMode:
     def key(self, k: Tensor, pos: Tensor | None) -> TokenFeatures:
         return self._features(k, pos, query=False)
 
-    def kernel(self, q: Tensor, k: Tensor) -> Tensor:
-        """Exact kernel ``[b, h, i, j]`` of ``q [b, i, h, d]``, ``k [b, j, h, d]``."""
-        from .exact import kernel_matrix
-
-        return kernel_matrix(self, q, k, exact=True)
-
 
 class LogitMode:
     """Positive random features of ``[q / d^1/4, psi_q(r)]`` and ``[k / d^1/4, psi_k(r)]``.

@@ -60,9 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .checks import check_floating, check_key_padding_mask, check_same_device_dtype
+from .linear import HALF
 
 NORMALIZATIONS = ("masked", "none")
-HALF = (torch.float16, torch.bfloat16)
 #: elements of per-chunk working memory (32 MiB in float32); kernel features are processed
 #: in chunks so that the key grids, their spectra and the gathered outputs fit
 FFT_BUDGET = 2**23

@@ -15,6 +15,7 @@ from geolinrpe.ops import (
     masked_kernel_attention,
     softmax_attention,
 )
+from geolinrpe.ops.exact import kernel_matrix
 from geolinrpe.rpe import ShiftInvariantKernelRPE
 
 D64 = torch.float64
@@ -114,7 +115,10 @@ def test_mask_mode_converges_to_exact_masked_attention(normalize, final):
             rpe.redraw(gen)
             feat = MaskMode(fm, rpe, d**-0.25)
             exact = masked_kernel_attention(
-                feat.kernel(q, k), v, rpe.pairwise(pos, exact=True), normalize=normalize
+                kernel_matrix(feat, q, k, exact=True),
+                v,
+                rpe.pairwise(pos, exact=True),
+                normalize=normalize,
             )
             out = linear_attention(q, k, v, pos, featurizer=feat, normalize=normalize)
             trials.append(_relative_error(out, exact))
