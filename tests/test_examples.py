@@ -13,6 +13,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+
+from geolinrpe.train import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["train.plot=false", "train.num_threads=1", "train.tensorboard=false"]
@@ -110,12 +113,23 @@ def test_qm9_budget_benchmark(tmp_path, qm9_cache, capsys):
     args = ["--out", str(tmp_path / "runs"), "--data", str(qm9_cache), "--json", str(report_path)]
     args += ["--train-size", "32", "--test-size", "16", "--minutes", "0.002", "--threads", "1"]
     report = main(args + ["--set", "data.max_molecules=300", "data.batch_size=16"])
-    rows = {r["model"]: r for r in report["rows"]}
-    assert set(rows) == {"flt", "linear", "exact", "schnet"}
+    rows = {(r["model"], r["setting"]): r for r in report["rows"]}
+    attention = {(m, s) for m in ("flt", "linear", "exact") for s in ("sh", "rpe")}
+    assert set(rows) == attention | {("schnet", None)}
     for row in rows.values():
         assert math.isfinite(row["test_mae_mev"]) and row["steps"] >= 1
         assert row["train_mol_per_s"] > 0 and row["infer_mol_per_s"] > 0
-    assert isinstance(report["target"]["passed"], bool)
+    assert rows[("linear", "rpe")]["overrides"] == [main.__globals__["NO_SH"]]
+    assert set(report["targets"]) == {"sh", "rpe"}
+    assert all(isinstance(t["passed"], bool) for t in report["targets"].values())
     assert json.loads(report_path.read_text())["rows"][0]["model"] == "flt"
     printed = capsys.readouterr().out
-    assert "| model |" in printed and ("target: PASS" in printed or "target: FAIL" in printed)
+    assert "| model | geometry |" in printed and "target [geometry: rpe]:" in printed
+    assert printed.count("calibration:") == 7  # cosine runs measure their steps/s first
+    # the RPE-only linear model has no geometry at all: moving atoms changes nothing
+    loaded = load_checkpoint(tmp_path / "runs" / "linear-rpe" / "last.pt", "cpu")
+    batch = loaded.task.collate([loaded.task.datasets()["test"][i] for i in range(4)])
+    moved = batch.clone()
+    moved.pos = batch.pos * 1.5
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(moved)["y"], loaded.model(batch)["y"])

@@ -30,6 +30,7 @@ frequency draws are buffers (``redraw`` renews them).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +48,25 @@ def _check_positive_ints(**values: int) -> None:
     for name, value in values.items():
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def per_head(name: str, value: float | Sequence[float], num_heads: int, positive: bool) -> Tensor:
+    """An initial value per head (float64 ``[h]``) from a scalar or ``num_heads`` values.
+
+    Multi-scale heads (e.g. length scales ``[0.5, 1, 2, 4]``) let one layer look at several
+    ranges from the start, as ALiBi's per-head slopes do for sequences.
+    """
+    values = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if values.numel() == 1:
+        values = values.expand(num_heads)
+    if values.numel() != num_heads:
+        raise ValueError(
+            f"{name} must be a number or {num_heads} values (one per head), got {value!r}"
+        )
+    if not bool(torch.isfinite(values).all()) or (positive and not bool((values > 0).all())):
+        kind = "positive" if positive else "finite"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return values.clone()
 
 
 class RPE(nn.Module):

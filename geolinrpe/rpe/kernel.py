@@ -43,12 +43,13 @@ Axes: ``...`` leading axes, p position dim, h heads, m frequencies.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..features.positive_random import gaussian_orthogonal_matrix
-from .base import FourierRPE
+from .base import FourierRPE, per_head
 
 KERNELS = ("gaussian", "laplace", "matern32", "matern52", "cauchy")
 #: degrees of freedom ``2 nu`` of the Student-t spectral density of each Matern kernel
@@ -74,8 +75,9 @@ class ShiftInvariantKernelRPE(FourierRPE):
         num_frequencies: frequencies ``m`` per head (default 16).
         kernel: ``"gaussian"`` (default), ``"laplace"``, ``"matern32"``, ``"matern52"`` or
             ``"cauchy"``.
-        lengthscale: initial bandwidth ``l`` in position units (default 1.0).
-        amplitude: initial ``a`` (default 1.0; use 0.0 for a neutral logit-mode bias).
+        lengthscale: initial bandwidth ``l`` in position units (default 1.0), or one per head.
+        amplitude: initial ``a`` (default 1.0; use 0.0 for a neutral logit-mode bias), or
+            one per head.
         orthogonal: draw the Gaussian part ``z`` of the base frequencies in orthogonal
             blocks (default ``True``); the mixing variables stay independent, so each
             frequency keeps its marginal distribution.
@@ -91,19 +93,21 @@ class ShiftInvariantKernelRPE(FourierRPE):
         num_heads: int,
         num_frequencies: int = 16,
         kernel: str = "gaussian",
-        lengthscale: float = 1.0,
-        amplitude: float = 1.0,
+        lengthscale: float | Sequence[float] = 1.0,
+        amplitude: float | Sequence[float] = 1.0,
         orthogonal: bool = True,
     ) -> None:
         super().__init__(pos_dim, num_heads, num_frequencies)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        if not lengthscale > 0:
-            raise ValueError(f"lengthscale must be positive, got {lengthscale}")
         self.kernel = kernel
         self.orthogonal = orthogonal
-        self.init_lengthscale = float(lengthscale)
-        self.init_amplitude = float(amplitude)
+        self.register_buffer(
+            "init_lengthscale", per_head("lengthscale", lengthscale, num_heads, True), False
+        )
+        self.register_buffer(
+            "init_amplitude", per_head("amplitude", amplitude, num_heads, False), False
+        )
         self.log_lengthscale = nn.Parameter(torch.empty(num_heads))
         self.amplitude = nn.Parameter(torch.empty(num_heads))
         self.register_buffer("base_frequencies", torch.empty(num_heads, num_frequencies, pos_dim))
@@ -111,8 +115,8 @@ class ShiftInvariantKernelRPE(FourierRPE):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            self.log_lengthscale.fill_(math.log(self.init_lengthscale))
-            self.amplitude.fill_(self.init_amplitude)
+            self.log_lengthscale.copy_(self.init_lengthscale.double().log())
+            self.amplitude.copy_(self.init_amplitude)
         self.redraw()
 
     @torch.no_grad()

@@ -60,13 +60,14 @@ m frequencies.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from ..ops.packing import to_padded
-from .base import FourierRPE, _check_positive_ints
+from .base import FourierRPE, _check_positive_ints, per_head
 
 ROTATIONS = ("fixed", "random", "frame")
 #: a PCA axis whose third moment is below ``SKEW_TOLERANCE * variance^(3/2)`` has no sign
@@ -245,8 +246,9 @@ class RadialRPE(FourierRPE):
         num_heads: number of heads ``h``.
         num_frequencies: frequencies ``m`` per head (default 32; ``>= num_components``).
         num_components: shells ``K`` per head (default 4).
-        lengthscale: initial length scale ``l`` of the Gaussian shell 0 (default 1.0).
-        amplitude: initial ``c_0 = f(0)`` (default 1.0; 0.0 = neutral).
+        lengthscale: initial length scale ``l`` of the Gaussian shell 0 (default 1.0), or one
+            per head (multi-scale heads, e.g. ``[0.5, 1, 2, 4]``).
+        amplitude: initial ``c_0 = f(0)`` (default 1.0; 0.0 = neutral), or one per head.
         rotation: ``"fixed"`` (default), ``"random"`` or ``"frame"`` (module docstring).
 
     Shapes:
@@ -261,8 +263,8 @@ class RadialRPE(FourierRPE):
         num_heads: int = 1,
         num_frequencies: int = 32,
         num_components: int = 4,
-        lengthscale: float = 1.0,
-        amplitude: float = 1.0,
+        lengthscale: float | Sequence[float] = 1.0,
+        amplitude: float | Sequence[float] = 1.0,
         rotation: str = "fixed",
     ) -> None:
         if pos_dim != 3:
@@ -274,14 +276,16 @@ class RadialRPE(FourierRPE):
                 f"num_frequencies={num_frequencies} must be >= num_components={num_components} "
                 "(every shell needs a draw)"
             )
-        if not lengthscale > 0:
-            raise ValueError(f"lengthscale must be positive, got {lengthscale}")
         if rotation not in ROTATIONS:
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
         self.num_components = num_components
         self.rotation = rotation
-        self.init_lengthscale = float(lengthscale)
-        self.init_amplitude = float(amplitude)
+        self.register_buffer(
+            "init_lengthscale", per_head("lengthscale", lengthscale, num_heads, True), False
+        )
+        self.register_buffer(
+            "init_amplitude", per_head("amplitude", amplitude, num_heads, False), False
+        )
         self.shell_amplitudes = nn.Parameter(torch.empty(num_heads, num_components))
         self.shell_radii = nn.Parameter(torch.empty(num_heads, num_components))
         self.log_shell_widths = nn.Parameter(torch.empty(num_heads, num_components))
@@ -297,13 +301,13 @@ class RadialRPE(FourierRPE):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        width = 1 / (math.sqrt(2) * math.pi * self.init_lengthscale)
+        width = 1 / (math.sqrt(2) * math.pi * self.init_lengthscale.double())  # [h]
         with torch.no_grad():
             self.shell_amplitudes.zero_()
             self.shell_amplitudes[:, 0] = self.init_amplitude
-            radii = width * torch.arange(self.num_components, dtype=torch.float64)
-            self.shell_radii.copy_(radii.expand(self.num_heads, -1))
-            self.log_shell_widths.fill_(math.log(width))
+            steps = torch.arange(self.num_components, dtype=torch.float64, device=width.device)
+            self.shell_radii.copy_(width[:, None] * steps)
+            self.log_shell_widths.copy_(width.log()[:, None].expand(-1, self.num_components))
         self.redraw()
 
     @property

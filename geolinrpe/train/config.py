@@ -161,6 +161,8 @@ class OptimConfig:
         plateau_factor: learning-rate factor of ``plateau``.
         plateau_patience: evaluations without improvement before ``plateau`` decays.
         grad_clip: clip the global gradient norm to this value (``None``: no clipping).
+        rpe_lr_scale: learning-rate factor of the RPE parameters (spectral shells,
+            amplitudes, length scales) relative to ``lr``.
     """
 
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
@@ -174,6 +176,7 @@ class OptimConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 5
     grad_clip: float | None = 10.0
+    rpe_lr_scale: float = 1.0
 
 
 @dataclass
@@ -266,6 +269,7 @@ _POSITIVE = {
     "optim.lr",
     "optim.grad_clip",
     "optim.plateau_patience",
+    "optim.rpe_lr_scale",
 }
 _NON_NEGATIVE = {
     "data.num_workers",

@@ -59,13 +59,16 @@ __all__ = [
 QM9_ELEMENTS = {1, 6, 7, 8, 9}
 
 
-def _regression_loss(kind: str, residual: Tensor) -> Tensor:
-    """Mean loss of standardised residuals: ``l1``, ``mse`` or ``huber`` (delta 1)."""
+def _regression_loss(kind: str, residual: Tensor, count: Tensor | float | None = None) -> Tensor:
+    """Loss of standardised residuals, ``l1``, ``mse`` or ``huber`` (delta 1), summed and
+    divided by ``count`` (default: their number, i.e. the mean)."""
     if kind == "l1":
-        return residual.abs().mean()
-    if kind == "mse":
-        return residual.pow(2).mean()
-    return F.huber_loss(residual, torch.zeros_like(residual))
+        total = residual.abs().sum()
+    elif kind == "mse":
+        total = residual.pow(2).sum()
+    else:
+        total = F.huber_loss(residual, torch.zeros_like(residual), reduction="sum")
+    return total / (residual.numel() if count is None else count)
 
 
 def _split_sizes(n: int, valid: int | None, test: int | None) -> tuple[int, int, int]:
@@ -118,6 +121,14 @@ class Task:
     def __init__(self, cfg: Config, state: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.state: dict[str, Any] = dict(state) if state is not None else {}
+
+    def shard_count(self, count: Tensor) -> Tensor:
+        """This process's share of a count summed over the processes of a data-parallel run
+        (``sum / world_size``; the count itself in one process). A loss averaged over
+        items whose number differs between processes (atoms) divides by it, so that the
+        average of the processes' gradients is the gradient of the global mean. The trainer
+        sets it under ``torchrun``."""
+        return count
 
     # ------------------------------------------------------------------------------ data
     def datasets(self) -> dict[str, Dataset | None]:
@@ -539,21 +550,28 @@ class OC20S2EFTask(_OC20Task):
         forces = out["forces"].float() - batch.force.float()  # [n, 3]
         return energy, forces
 
-    def _loss(self, energy: Tensor, forces: Tensor) -> Tensor:
+    def _loss(self, energy: Tensor, forces: Tensor, force_count: Tensor | None = None) -> Tensor:
         std = self.state["std"].to(energy.device, energy.dtype)
         t = self.cfg.train
         return t.energy_weight * _regression_loss(
             t.loss, energy / std
-        ) + t.force_weight * _regression_loss(t.loss, forces / std)
+        ) + t.force_weight * _regression_loss(t.loss, forces / std, force_count)
 
     def loss(self, out: dict[str, Tensor], batch: Batch) -> Tensor:
-        return self._loss(*self._residuals(out, batch))
+        """Energy term: mean over graphs (the same number in every process); force term:
+        mean over all force components of the global batch (:meth:`Task.shard_count`)."""
+        energy, forces = self._residuals(out, batch)
+        count = torch.tensor(float(forces.numel()), device=forces.device)
+        return self._loss(energy, forces, self.shard_count(count))
 
     def batch_stats(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         energy, forces = (r.detach().double() for r in self._residuals(out, batch))
-        return {
+        std = self.state["std"].to(energy.device, energy.dtype)
+        kind = self.cfg.train.loss
+        return {  # sums, so that the loss is the split's mean whatever the batching
             "count": torch.tensor(float(len(energy)), dtype=torch.float64),
-            "loss": self._loss(energy, forces) * len(energy),
+            "energy_loss": _regression_loss(kind, energy / std, 1.0),
+            "force_loss": _regression_loss(kind, forces / std, 1.0),
             "energy_abs": energy.abs().sum(),
             "force_abs": forces.abs().sum(),
             "force_count": torch.tensor(float(forces.numel()), dtype=torch.float64),
@@ -561,9 +579,12 @@ class OC20S2EFTask(_OC20Task):
 
     def compute_metrics(self, sums: dict[str, Tensor]) -> dict[str, float]:
         count = max(float(sums["count"]), 1.0)
+        force_count = max(float(sums["force_count"]), 1.0)
+        t = self.cfg.train
         return {
-            "loss": float(sums["loss"]) / count,
-            "forces_mae": float(sums["force_abs"]) / max(float(sums["force_count"]), 1.0),
+            "loss": t.energy_weight * float(sums["energy_loss"]) / count
+            + t.force_weight * float(sums["force_loss"]) / force_count,
+            "forces_mae": float(sums["force_abs"]) / force_count,
             "energy_mae": float(sums["energy_abs"]) / count,
         }
 

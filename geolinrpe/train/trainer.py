@@ -235,7 +235,7 @@ class LRSchedule:
     def _apply(self) -> None:
         lr = self.lr()
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
 
     def step(self) -> None:
         """Advance one optimizer step and set the next learning rate."""
@@ -270,6 +270,23 @@ class LRSchedule:
 
 
 # ------------------------------------------------------------------------------ models
+def rpe_param_groups(model: nn.Module, rpe_lr_scale: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups: the parameters of every :class:`~geolinrpe.rpe.RPE`
+    submodule (spectra, shells, rotation angles) with ``lr_scale = rpe_lr_scale``, all other
+    trainable parameters with ``lr_scale = 1`` (the scheduler multiplies its rate by it)."""
+    from ..rpe import RPE
+
+    rpe_ids = {id(p) for m in model.modules() if isinstance(m, RPE) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if rpe_lr_scale == 1.0:  # one group, as in checkpoints written before the option
+        return [{"params": trainable, "lr_scale": 1.0}]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in rpe_ids], "lr_scale": 1.0},
+        {"params": [p for p in trainable if id(p) in rpe_ids], "lr_scale": float(rpe_lr_scale)},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def build_model(cfg: Config, task: Task) -> nn.Module:
     """``geolinrpe.models.build_model(cfg.model.name, ...)`` with the model section's options
     (:meth:`Config.model_kwargs`) and what the task derives from the data
@@ -546,6 +563,8 @@ class _Trainer:
 
         # data (process 0 first: it may build a cache the others then read)
         self.task = build_task(cfg)
+        if env.distributed:
+            self.task.shard_count = lambda count: _all_reduce(count, env) / env.world_size
         if not env.is_main:
             _barrier(env)
         self.splits = self.task.datasets()
@@ -645,7 +664,7 @@ class _Trainer:
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = rpe_param_groups(model, o.rpe_lr_scale)
         if o.optimizer == "adamw":
             return torch.optim.AdamW(
                 params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay

@@ -75,6 +75,19 @@ def test_closed_form_is_the_gaussian():
     torch.testing.assert_close(rpe.closed_form(delta), want[:, None].expand(3, 2))
 
 
+def test_per_head_initial_lengthscales_and_amplitudes():
+    rpe = ShiftInvariantKernelRPE(2, 3, lengthscale=[0.5, 1.0, 4.0], amplitude=[1.0, 0.0, 2.0])
+    delta = torch.randn(10, 2, dtype=D64)
+    scales, amps = (
+        torch.tensor([0.5, 1.0, 4.0], dtype=D64),
+        torch.tensor([1.0, 0.0, 2.0], dtype=D64),
+    )
+    want = amps * torch.exp(-delta.pow(2).sum(-1, keepdim=True) / (2 * scales**2))
+    torch.testing.assert_close(rpe.double().closed_form(delta), want)
+    with pytest.raises(ValueError, match="lengthscale must be a number or 3 values"):
+        ShiftInvariantKernelRPE(2, 3, lengthscale=[1.0, 2.0])
+
+
 def test_gradients_reach_bandwidth_and_amplitude():
     rpe = ShiftInvariantKernelRPE(3, 2, 6).double()
     pos = torch.randn(5, 3, dtype=D64)

@@ -62,6 +62,21 @@ def test_initialisation_is_the_gaussian_and_zero_amplitude_is_neutral():
     assert neutral.estimate(delta).abs().max() == 0
 
 
+def test_per_head_lengthscales_and_amplitudes_give_multi_scale_heads():
+    scales, amps = [0.5, 1.0, 2.0, 4.0], [2.0, 1.0, 0.0, -1.0]
+    rpe = RadialRPE(3, 4, 16, lengthscale=scales, amplitude=amps).double()
+    delta = torch.randn(20, 3, dtype=D64) * 2
+    sq = delta.pow(2).sum(-1, keepdim=True)
+    want = torch.tensor(amps, dtype=D64) * torch.exp(
+        -sq / (2 * torch.tensor(scales, dtype=D64) ** 2)
+    )
+    torch.testing.assert_close(rpe.closed_form(delta), want)
+    rpe.shell_amplitudes.data.fill_(5.0)
+    rpe.reset_parameters()  # back to the per-head initial values
+    torch.testing.assert_close(rpe.closed_form(delta), want)
+    assert "init_lengthscale" not in rpe.state_dict()  # constructor options, not state
+
+
 def test_monte_carlo_converges_at_the_inverse_sqrt_rate():
     """RMS error against the closed form over 20 draws: 0.41 / 0.25 / 0.115 / 0.061 at
     m = 8 / 32 / 128 / 512 (slope -0.46)."""
@@ -252,6 +267,9 @@ def test_bad_options_raise_value_error_naming_the_option():
         (dict(num_frequencies=3, num_components=4), "num_frequencies=3 must be >="),
         (dict(num_components=0), "num_components"),
         (dict(lengthscale=0.0), "lengthscale"),
+        (dict(lengthscale=[1.0, -1.0]), "lengthscale must be positive"),
+        (dict(lengthscale=[1.0, 2.0, 3.0]), "lengthscale must be a number or 2 values"),
+        (dict(amplitude=[1.0, float("nan")]), "amplitude must be finite"),
         (dict(num_frequencies=0), "num_frequencies"),
     ]
     for options, match in cases:

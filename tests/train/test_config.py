@@ -64,6 +64,7 @@ def test_overrides_are_parsed_and_typed(tmp_path):
         ("data.batch_size=0", "data.batch_size"),  # must be positive
         ("optim.lr=-1", "optim.lr"),
         ("optim.betas=[0.9]", "optim.betas"),
+        ("optim.rpe_lr_scale=0", "optim.rpe_lr_scale"),
         ("model.rpe=flt-nothing", "model.rpe"),  # not an RPE of the registry
         ("model.num_heads=5", "model.embed_dim"),  # 128 not divisible by 5
         ("model.rpe_options=3", "model.rpe_options"),  # a mapping expected

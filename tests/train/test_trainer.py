@@ -236,6 +236,20 @@ def test_multi_target_metrics_are_per_target(qm9_root, tmp_path):
     assert results["valid_mae_U0"] < 20.0
 
 
+def test_rpe_lr_scale_multiplies_the_rate_of_rpe_parameters_only(qm9_root, tmp_path):
+    cfg = tiny(qm9_root, tmp_path, "optim.rpe_lr_scale=10", "train.max_steps=3")
+    run(cfg)
+    state = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr_scale"] for g in groups] == [1.0, 10.0]
+    assert groups[1]["lr"] == pytest.approx(10 * groups[0]["lr"])
+    model = load_checkpoint(tmp_path / "last.pt", "cpu").model
+    params = dict(model.named_parameters())
+    rpe_names = [params_name for params_name in params if ".rpe." in params_name]
+    assert len(groups[1]["params"]) == len(rpe_names) > 0
+    assert len(groups[0]["params"]) == len(params) - len(rpe_names)
+
+
 # ---------------------------------------------------------------------------- schedules
 def _lrs(kind, steps, **kwargs):
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
