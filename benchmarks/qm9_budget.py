@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from geolinrpe.train import Config, evaluate, load_checkpoint, run
+from geolinrpe.train import Config, LoadedRun, evaluate, load_checkpoint, run
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
@@ -100,9 +100,8 @@ def machine() -> dict[str, object]:
     }
 
 
-def inference_throughput(ckpt: Path, device: str, repeats: int = 1) -> float:
-    """Molecules/s of forward passes (no gradients) over the test split of ``ckpt``'s config."""
-    loaded = load_checkpoint(ckpt, device=device)
+def inference_throughput(loaded: LoadedRun, repeats: int = 1) -> float:
+    """Molecules/s of forward passes (no gradients) over the test split of a loaded run."""
     test = loaded.task.datasets()["test"]
     size = loaded.cfg.data.eval_batch_size or loaded.cfg.data.batch_size
     loader = DataLoader(test, size, shuffle=False, collate_fn=loaded.task.collate)
@@ -170,9 +169,9 @@ def run_model(key: str, setting: str | None, args: argparse.Namespace) -> dict[s
     results = run(cfg)
     steps = int(results["step"])
     seconds = float(results["elapsed_s"])
-    ckpt = out / "last.pt"
-    test = evaluate(load_checkpoint(ckpt, device=args.device), "test")
-    infer = inference_throughput(ckpt, args.device)
+    loaded = load_checkpoint(out / "last.pt", device=args.device)
+    test = evaluate(loaded, "test")
+    infer = inference_throughput(loaded)
     row = {
         "model": key,
         "setting": setting,
@@ -184,7 +183,7 @@ def run_model(key: str, setting: str | None, args: argparse.Namespace) -> dict[s
         "train_seconds": seconds,
         "train_mol_per_s": steps * cfg.data.batch_size / seconds,
         "infer_mol_per_s": infer,
-        "parameters": sum(p.numel() for p in load_checkpoint(ckpt, "cpu").model.parameters()),
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
     }
     print(
         f"   test MAE {row['test_mae_mev']:.1f} meV, {steps} steps, "

@@ -550,19 +550,16 @@ class OC20S2EFTask(_OC20Task):
         forces = out["forces"].float() - batch.force.float()  # [n, 3]
         return energy, forces
 
-    def _loss(self, energy: Tensor, forces: Tensor, force_count: Tensor | None = None) -> Tensor:
-        std = self.state["std"].to(energy.device, energy.dtype)
-        t = self.cfg.train
-        return t.energy_weight * _regression_loss(
-            t.loss, energy / std
-        ) + t.force_weight * _regression_loss(t.loss, forces / std, force_count)
-
     def loss(self, out: dict[str, Tensor], batch: Batch) -> Tensor:
         """Energy term: mean over graphs (the same number in every process); force term:
         mean over all force components of the global batch (:meth:`Task.shard_count`)."""
         energy, forces = self._residuals(out, batch)
-        count = torch.tensor(float(forces.numel()), device=forces.device)
-        return self._loss(energy, forces, self.shard_count(count))
+        std = self.state["std"].to(energy.device, energy.dtype)
+        count = self.shard_count(torch.tensor(float(forces.numel()), device=forces.device))
+        t = self.cfg.train
+        return t.energy_weight * _regression_loss(
+            t.loss, energy / std
+        ) + t.force_weight * _regression_loss(t.loss, forces / std, count)
 
     def batch_stats(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         energy, forces = (r.detach().double() for r in self._residuals(out, batch))
