@@ -3,14 +3,11 @@ raise errors that name the file and record; nothing is dropped silently."""
 
 from __future__ import annotations
 
-import io
 import json
 import lzma
-import os
 import pickle
 import shutil
 import zlib
-from collections import OrderedDict
 from pathlib import Path
 
 import lmdb
@@ -18,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 import torch_geometric.data.data as pyg_data_module
+from oc20_helpers import legacy_lmdb, record, write_raw_lmdb
 from torch_geometric.data import Data
 from torch_geometric.loader import DataLoader
 
 from geolinrpe.data.oc20 import (
     OC20,
     OC20FormatError,
-    UnsafePickleError,
     make_synthetic,
     synthetic_systems,
     write_aselmdb,
@@ -41,36 +38,6 @@ def systems():
 
 def frames_of(systems):
     return [(s, frame) for s in systems for frame in s.frames]
-
-
-def write_raw_lmdb(file: Path, values: dict[bytes, bytes]) -> Path:
-    env = lmdb.open(str(file), subdir=False, map_size=1 << 24)
-    with env.begin(write=True) as txn:
-        for key, value in values.items():
-            txn.put(key, value)
-    env.close()
-    return file
-
-
-def record(**overrides) -> Data:
-    fields = dict(
-        pos=torch.tensor([[0.0, 0.0, 7.0], [1.5, 0.0, 7.0], [0.7, 0.7, 9.0]]),
-        cell=torch.eye(3).view(1, 3, 3) * 5,
-        atomic_numbers=torch.tensor([29.0, 29.0, 8.0]),
-        natoms=3,
-        tags=torch.tensor([1.0, 1.0, 2.0]),
-        fixed=torch.tensor([1.0, 0.0, 0.0]),
-        sid=7,
-        y_relaxed=-0.5,
-    )
-    fields.update(overrides)
-    return Data(**fields)
-
-
-def legacy_lmdb(file: Path, records: list) -> Path:
-    values = {str(i).encode(): pickle.dumps(r, protocol=-1) for i, r in enumerate(records)}
-    values[b"length"] = pickle.dumps(len(records))
-    return write_raw_lmdb(file, values)
 
 
 def assert_common(item: Data, system, pos: np.ndarray) -> None:
@@ -253,116 +220,6 @@ def test_old_pyg_pickles_are_rebuilt(tmp_path, systems):
         assert item.y_relaxed.tolist() == [F32(s.y_relaxed)]
 
 
-class Evil:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-class StorageBlob:  # pickles as torch.storage._load_from_bytes(blob)
-    def __init__(self, blob: bytes):
-        self.blob = blob
-
-    def __reduce__(self):
-        return (torch.storage._load_from_bytes, (self.blob,))
-
-
-class TensorOver:  # pickles as torch._utils._rebuild_tensor_v2(storage, ...)
-    def __init__(self, storage, size=(3, 3), stride=(3, 1)):
-        self.storage, self.size, self.stride = storage, size, stride
-
-    def __reduce__(self):
-        args = (self.storage, 0, self.size, self.stride, False, OrderedDict())
-        return (torch._utils._rebuild_tensor_v2, args)
-
-
-def test_safe_unpickler_refuses_code_and_accepts_data(tmp_path):
-    marker = tmp_path / "pwned"
-    evil = pickle.dumps(Evil(marker))
-    pickle.loads(evil)  # the payload is live: plain pickle runs the command
-    assert marker.exists()
-    marker.unlink()
-
-    legacy_storage = io.BytesIO()
-    torch.save(Evil(marker), legacy_storage, _use_new_zipfile_serialization=False)
-    zip_storage = io.BytesIO()
-    torch.save(Evil(marker), zip_storage)
-    payloads = {
-        "bare": evil,
-        "inside Data": pickle.dumps(record(extra=Evil(marker))),
-        "legacy storage payload": pickle.dumps(record(pos=TensorOver(StorageBlob(
-            legacy_storage.getvalue())))),
-        "zip storage payload": pickle.dumps(record(pos=TensorOver(StorageBlob(
-            zip_storage.getvalue())))),
-        "builtins.eval": pickle.dumps(record(sid=EvalCall())),
-    }  # fmt: skip
-    for label, payload in payloads.items():
-        path = write_raw_lmdb(tmp_path / f"{label.replace(' ', '_')}.lmdb", {b"0": payload})
-        ds = OC20(path)
-        with pytest.raises(UnsafePickleError) as info:
-            ds[0]
-        message = str(info.value)
-        assert str(path) in message and "record 0" in message and "safe=False" in message, label
-        assert info.value.record == "0" and isinstance(info.value, ValueError)
-        assert "system" in info.value.refused or "eval" in info.value.refused, label
-        assert not marker.exists(), label
-
-    # Legitimate storages are accepted in both torch.save layouts, and views stay in bounds.
-    values = torch.arange(9, dtype=torch.float32) * 0.5
-    zip_ok = io.BytesIO()
-    with pytest.warns(UserWarning, match="TypedStorage is deprecated"):
-        torch.save(values.storage(), zip_ok)
-    item = record(pos=TensorOver(StorageBlob(zip_ok.getvalue())))
-    path = write_raw_lmdb(tmp_path / "zip_ok.lmdb", {b"0": pickle.dumps(item)})
-    assert torch.equal(OC20(path)[0].pos, values.view(3, 3))
-    item = record(pos=TensorOver(StorageBlob(zip_ok.getvalue()), size=(4, 3)))
-    path = write_raw_lmdb(tmp_path / "out_of_bounds.lmdb", {b"0": pickle.dumps(item)})
-    with pytest.raises(OC20FormatError, match="could not unpickle.*out of bounds"):
-        OC20(path)[0]
-    legit = record(extra_np=np.arange(3.0), extra_set={1, 2}, extra_od=OrderedDict(a=1))
-    path = legacy_lmdb(tmp_path / "legit.lmdb", [legit])
-    assert torch.equal(OC20(path)[0].pos, legit.pos)
-    for protocol in (2, 4, 5):
-        path = write_raw_lmdb(
-            tmp_path / f"p{protocol}.lmdb", {b"0": pickle.dumps(legit, protocol=protocol)}
-        )
-        assert torch.equal(OC20(path)[0].pos, legit.pos)
-
-
-class EvalCall:
-    def __reduce__(self):
-        return (eval, ("1 + 1",))
-
-
-def test_corrupt_and_truncated_lmdb(tmp_path, systems):
-    path = write_oc20(tmp_path / "data.lmdb", systems, "lmdb-is2re")
-    truncated = shutil.copy(path, tmp_path / "truncated.lmdb")
-    with open(truncated, "r+b") as fh:
-        fh.truncate(os.path.getsize(truncated) // 2)
-    with pytest.raises(OC20FormatError, match="truncated") as info:
-        OC20(truncated)
-    assert info.value.file == str(truncated)
-
-    garbage = tmp_path / "garbage.lmdb"
-    garbage.write_bytes(np.random.default_rng(0).bytes(20000))
-    with pytest.raises(OC20FormatError, match="not a readable LMDB") as info:
-        OC20(garbage)
-    assert str(garbage) in str(info.value)
-
-    bad_value = legacy_lmdb(tmp_path / "bad_value.lmdb", [record(), record()])
-    env = lmdb.open(str(bad_value), subdir=False)
-    with env.begin(write=True) as txn:
-        txn.put(b"1", b"\x80\x04not a pickle")
-    env.close()
-    ds = OC20(bad_value)
-    assert ds[0].sid == 7
-    with pytest.raises(OC20FormatError, match="could not unpickle") as info:
-        ds[1]
-    assert info.value.file == str(bad_value) and info.value.record == "1"
-
-
 def test_missing_keys_and_files(tmp_path, systems):
     values = {str(i).encode(): pickle.dumps(record(sid=i)) for i in (0, 1, 3)}
     with_length = write_raw_lmdb(tmp_path / "a.lmdb", {**values, b"length": pickle.dumps(4)})
@@ -404,7 +261,11 @@ def test_missing_keys_and_files(tmp_path, systems):
               fixed=torch.zeros(0)), "empty structure"),
         (dict(atomic_numbers=torch.tensor([29.0, 0.0, 8.0])), r"unknown element.*\[0\.0\]"),
         (dict(atomic_numbers=torch.tensor([29.0, 119.0, 8.0])), r"unknown element.*\[119\.0\]"),
-        (dict(tags=torch.tensor([1.0, 3.0, 2.0])), "tags must be 0, 1 or 2"),
+        (dict(tags=torch.tensor([1.0, 1.5, 2.0])), r"tags must be 32-bit integers, found \[1\.5\]"),
+        (dict(pos=torch.tensor([[0.0, 0, 7], [1e300, 0, 7], [0.7, 0.7, 9]], dtype=torch.float64)),
+         r"values beyond torch.float32's range in pos \(rows \[1\]\)"),
+        (dict(y_relaxed=1e39), r"y_relaxed is 1e\+39, beyond float32's range"),
+        (dict(pos_relaxed=np.full((3, 3), -1e39)), "beyond torch.float32's range in pos_relaxed"),
         (dict(natoms=4), "natoms is 4"),
         (dict(y_relaxed=float("inf")), "y_relaxed"),
         (dict(cell=torch.eye(2)), "cell has shape"),
@@ -496,3 +357,23 @@ def test_batches_pickling_and_shared_files(tmp_path, systems):
     assert ds[1].n2 == 2 * len(systems[1].numbers)
     clone = pickle.loads(pickle.dumps(other))
     assert torch.equal(clone[4].pos, other[4].pos)
+
+
+def test_aselmdb_from_ase_slab_builders_keeps_layer_tags(tmp_path):
+    """ASE's fcc111 tags layers 1, 2, 3 from the top and add_adsorbate tags the adsorbate 0:
+    read as stored, not refused and not remapped."""
+    from ase.build import add_adsorbate, fcc111
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.db.row import AtomsRow
+
+    slab = fcc111("Cu", size=(2, 2, 3), vacuum=6.0)
+    add_adsorbate(slab, "O", 1.8, "fcc")
+    slab.calc = SinglePointCalculator(slab, energy=-1.5, forces=np.zeros((len(slab), 3)))
+    row = AtomsRow(slab)
+    dct = {k: row[k] for k in row.__dict__ if k[0] != "_" and k not in row._keys and k != "id"}
+    path = tmp_path / "ase.aselmdb"
+    write_aselmdb(path, [dct])
+    item = OC20(path, task="s2ef")[0]
+    assert sorted(set(item.tags.tolist())) == [0, 1, 2, 3]
+    assert item.tags.tolist() == slab.get_tags().tolist()
+    assert item.y.tolist() == [-1.5]
