@@ -242,8 +242,15 @@ def _plot(args: argparse.Namespace) -> int:
     if not csv_path.is_file():
         raise ValueError(f"{run_dir} has no metrics.csv: not a training run folder")
     task = None
-    if (run_dir / "config.yaml").is_file():
-        task = build_task(Config.load(run_dir / "config.yaml"))
+    if (run_dir / "config.yaml").is_file():  # a saved file: safety settings are not taken
+        import yaml
+
+        path = run_dir / "config.yaml"
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {err}") from err
+        task = build_task(Config.from_saved(values, path))
     print(f"wrote {plot_learning_curve(csv_path, run_dir / 'learning_curve.png', task)}")
     for name in ("best.pt", "last.pt"):
         if (run_dir / name).is_file():
@@ -261,20 +268,31 @@ COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "plot": _plot}
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``geolinrpe`` command; returns the exit status.
 
-    A configuration or input problem (:class:`ValueError`) prints ``error: ...`` and exits
-    with status 2 instead of a traceback.
+    A configuration or input problem (:class:`ValueError`, including a missing, corrupted or
+    incomplete checkpoint) prints ``error: ...`` and exits with status 2 instead of a
+    traceback; training that met a non-finite loss, gradient or validation metric
+    (:class:`~geolinrpe.train.trainer.NonFiniteError`) exits with status 3.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lopt"]:  # its own parser: meta-train | evaluate
         from .optim.cli import main as lopt_main
 
-        return lopt_main(argv[1:])
+        try:
+            return lopt_main(argv[1:])
+        except ValueError as err:
+            print(f"geolinrpe lopt: error: {err}", file=sys.stderr)
+            return 2
     args = _parser().parse_args(argv)
+    from .train.trainer import NonFiniteError
+
     try:
         return COMMANDS[args.command](args)
     except ValueError as err:
         print(f"geolinrpe {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteError as err:
+        print(f"geolinrpe {args.command}: error: {err}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

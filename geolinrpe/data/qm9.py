@@ -33,6 +33,7 @@ import math
 import re
 import tarfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,8 @@ _GDB_NAME = re.compile(r"gdb_(\d+)")
 # A decimal number as QM9's files write it: "0.", "-1.5", ".5", "2.1997E-6" (no nan/inf).
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _NUMBER_RE = re.compile(_NUMBER)
+#: values beyond this become inf when stored as float32: refused when read
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TRIPLE = rf"\[\s*{_NUMBER}\s*,\s*{_NUMBER}\s*,\s*{_NUMBER}\s*\]"
 _XYZ_ANG_RE = re.compile(rf"\s*\[\s*{_TRIPLE}(?:\s*,\s*{_TRIPLE})*\s*\]\s*")
 
@@ -375,12 +378,12 @@ def _parse_qm9pack_frame(df, path: Path) -> tuple[np.ndarray, ...]:
 
     def as_numbers(column: str, integer: bool) -> np.ndarray:
         values = pd.to_numeric(df[column], errors="coerce").to_numpy(dtype=np.float64)
-        ok = np.isfinite(values)
+        ok = np.abs(values) <= FLOAT32_MAX  # False for nan and inf too
         if integer:
             ok &= values == np.round(values)
         if not ok.all():
             row = int(np.flatnonzero(~ok)[0])
-            kind = "an integer" if integer else "a finite number"
+            kind = "an integer" if integer else "a finite number within float32's range"
             raise ValueError(f"{where(row)}: {column} is {df[column].iat[row]!r}, not {kind}")
         return values.astype(np.int64) if integer else values
 
@@ -428,10 +431,14 @@ def _parse_qm9pack_frame(df, path: Path) -> tuple[np.ndarray, ...]:
     pos = np.fromstring(flat_text, dtype=np.float64, sep=" ").reshape(-1, 3)  # [a, 3]
     if len(pos) != int(num_atoms.sum()):  # cannot happen after the row checks
         raise ValueError(f"{path}: parsed {len(pos)} atoms, expected {int(num_atoms.sum())}")
-    if not np.isfinite(pos).all():  # e.g. an exponent past float64's range
-        atom = int(np.flatnonzero(~np.isfinite(pos).all(axis=1))[0])
+    in_range = (np.abs(pos) <= FLOAT32_MAX).all(axis=1)  # False for nan and inf too
+    if not in_range.all():  # e.g. an exponent past float64's or float32's range
+        atom = int(np.flatnonzero(~in_range)[0])
         row = int(np.searchsorted(np.cumsum(num_atoms), atom, side="right"))
-        raise ValueError(f"{where(row)}: XYZ_Ang has a non-finite coordinate")
+        raise ValueError(
+            f"{where(row)}: XYZ_Ang has a coordinate that is not a finite number within "
+            f"float32's range ({pos[atom].tolist()})"
+        )
     return z, pos, num_atoms, index, props
 
 
@@ -467,6 +474,11 @@ def _read_moleculenet_csv(path: Path) -> dict[int, np.ndarray]:
                         "not a finite number"
                     )
                 values.append(float(text))
+                if not abs(values[-1]) <= FLOAT32_MAX:
+                    raise ValueError(
+                        f"{path}, line {lineno} ({fields[0]}): {column} is {text!r}, beyond "
+                        "float32's range"
+                    )
             index = int(match.group(1))
             if index in rows:
                 raise ValueError(f"{path}, line {lineno}: {fields[0]} appears twice")
@@ -518,8 +530,11 @@ def _read_pyg_raw(
                     "H, C, N, O, F"
                 )
             xyz = mol.GetConformer().GetPositions()
-            if not np.isfinite(xyz).all():
-                raise ValueError(f"{sdf}, record {record} ({name}): non-finite coordinates")
+            if not (np.abs(xyz) <= FLOAT32_MAX).all():
+                raise ValueError(
+                    f"{sdf}, record {record} ({name}): coordinates that are not finite numbers "
+                    "within float32's range"
+                )
             z.extend(numbers)
             pos.append(xyz)
             num_atoms.append(len(numbers))
@@ -572,8 +587,10 @@ def _xyz_number(text: str, where: str, lineno: int) -> float:
     if _NUMBER_RE.fullmatch(normal) is None:
         raise ValueError(f"{where}, line {lineno}: {text!r} is not a finite number")
     value = float(normal)
-    if not math.isfinite(value):
-        raise ValueError(f"{where}, line {lineno}: {text!r} is not a finite number")
+    if not abs(value) <= FLOAT32_MAX:
+        raise ValueError(
+            f"{where}, line {lineno}: {text!r} is not a finite number within float32's range"
+        )
     return value
 
 
@@ -709,6 +726,47 @@ def _read_xyz(raw_dir: Path, max_molecules: int | None, skip_uncharacterized: bo
 # ---------------------------------------------------------------------------------------------
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def _check_plain(value: object, where: str) -> None:
+    """Raise ``ValueError`` naming the field when ``value`` holds anything but tensors and
+    plain data (it would not load with ``torch.load(weights_only=True)``)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, (str, int)):
+                raise ValueError(f"{where}: key {key!r} is a {type(key).__name__}")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (Tensor, str, int, float, bool))):
+        raise ValueError(
+            f"{where} is a {type(value).__name__}: the cache holds tensors and plain data only "
+            "(check what pre_transform adds)"
+        )
+
+
+def _cache_problem(payload: dict) -> str | None:
+    """What is wrong with the structure of a cache payload, or ``None``."""
+    expected = {"data": dict, "slices": dict, "strings": dict, "skipped_idx": Tensor}
+    for key, kind in expected.items():
+        if not isinstance(payload.get(key), kind):
+            found = type(payload.get(key)).__name__ if key in payload else "missing"
+            return f"field {key!r} is {found}, not a {kind.__name__}"
+    if not all(isinstance(k, str) for k in payload["data"]):
+        return "field 'data' has a key that is not a string"
+    for key, ptr in payload["slices"].items():
+        if not isinstance(ptr, Tensor) or ptr.dim() != 1:
+            return f"field 'slices' entry {key!r} is not a 1-d tensor"
+    for key, count in payload["strings"].items():
+        if not isinstance(count, int) or not isinstance(payload["data"].get(key), Tensor):
+            return f"field 'strings' entry {key!r} does not describe a packed tensor"
+    return None
+
+
 def _pack_strings(values: list[str]) -> Tensor:
     data = "\x00".join(values).encode()
     return (
@@ -728,10 +786,18 @@ def _storage(mols: _Molecules) -> tuple[Data, dict[str, Tensor]]:
     atom_ptr = torch.zeros(g + 1, dtype=torch.long)
     atom_ptr[1:] = torch.from_numpy(np.cumsum(mols.num_atoms))
     graph_ptr = torch.arange(g + 1)
+    y = torch.from_numpy(mols.y).to(torch.float32)
+    bad = ~torch.isfinite(y)
+    if bad.any():  # a raw value in range whose conversion to PyG's units is not
+        row, column = (int(v) for v in torch.nonzero(bad)[0])
+        raise ValueError(
+            f"QM9 molecule gdb_{int(mols.index[row])}: target {TARGETS[column].name} is "
+            f"{float(mols.y[row, column]):g} {TARGETS[column].unit}, beyond float32's range"
+        )
     data = Data(
         z=torch.from_numpy(mols.z),
         pos=torch.from_numpy(mols.pos).to(torch.float32),
-        y=torch.from_numpy(mols.y).to(torch.float32),
+        y=y,
         idx=torch.from_numpy(mols.index - 1),
         name=[f"gdb_{i}" for i in mols.index.tolist()],
         smiles=list(mols.smiles),
@@ -970,6 +1036,7 @@ class QM9(InMemoryDataset):
             "strings": strings,
             "skipped_idx": torch.tensor(mols.skipped, dtype=torch.long) - 1,
         }
+        _check_plain(payload, "the QM9 cache")
         fs.torch_save(payload, self.processed_paths[0])
         logger.info(
             "QM9(%s): processed %d molecules in %.1f s into %s",
@@ -986,19 +1053,65 @@ class QM9(InMemoryDataset):
             out[key] = value[0] if isinstance(value, list) else value
         return out
 
+    def _process(self) -> None:
+        """PyG's ``Dataset._process`` without its ``torch.load(weights_only=False)`` of
+        ``processed/pre_transform.pt`` and ``pre_filter.pt``: those are read with
+        ``weights_only=True`` (they hold strings); one that cannot be read that way is
+        treated as differing and the cache is rebuilt, with a warning naming the file."""
+        from torch_geometric.data.dataset import _repr, files_exist
+
+        rebuild = self.force_reload
+        for name, value in (("pre_transform", self.pre_transform), ("pre_filter", self.pre_filter)):
+            path = Path(self.processed_dir) / f"{name}.pt"
+            if rebuild or not path.exists():
+                continue
+            try:
+                stored = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # never executed: a file that fails is rebuilt
+                logger.warning(
+                    "QM9: %s cannot be read safely (%s); rebuilding the cache from the raw data",
+                    path,
+                    _first_line(err),
+                )
+                rebuild = True
+                continue
+            if stored != _repr(value):
+                warnings.warn(
+                    f"QM9: the {name} argument differs from the one used for the cache in "
+                    f"{self.processed_dir}; pass force_reload=True to rebuild it",
+                    stacklevel=3,
+                )
+        if not rebuild and files_exist(self.processed_paths):
+            return
+        Path(self.processed_dir).mkdir(parents=True, exist_ok=True)
+        self.process()
+        for name, value in (("pre_transform", self.pre_transform), ("pre_filter", self.pre_filter)):
+            fs.torch_save(_repr(value), str(Path(self.processed_dir) / f"{name}.pt"))
+
+    def _read_cache(self, path: str) -> tuple[dict | None, str | None]:
+        """The cache payload read with ``weights_only=True`` (never anything else), or
+        ``None`` and why it is unusable."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # refused or damaged: rebuilt, never executed
+            return None, f"it cannot be read safely ({type(err).__name__}: {_first_line(err)})"
+        if not isinstance(payload, dict):
+            return None, f"it holds a {type(payload).__name__}, not a dict"
+        if payload.get("format_version") != FORMAT_VERSION:
+            found = payload.get("format_version")
+            return None, f"it has format version {found!r}, this code writes {FORMAT_VERSION}"
+        problem = _cache_problem(payload)
+        return (None, problem) if problem else (payload, None)
+
     def _load_processed(self) -> None:
         path = self.processed_paths[0]
-        payload = fs.torch_load(path)
-        if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
-            found = payload.get("format_version") if isinstance(payload, dict) else None
-            logger.warning(
-                "QM9: %s has format version %s, this code writes %d; reprocessing",
-                path,
-                found,
-                FORMAT_VERSION,
-            )
+        payload, problem = self._read_cache(path)
+        if payload is None:
+            logger.warning("QM9: cache %s is unusable: %s; rebuilding it", path, problem)
             self.process()
-            payload = fs.torch_load(path)
+            payload, problem = self._read_cache(path)
+            if payload is None:
+                raise ValueError(f"QM9: the rebuilt cache {path} is unusable: {problem}")
         stored = dict(payload["data"])
         for key, count in payload["strings"].items():
             stored[key] = _unpack_strings(stored[key], count)

@@ -179,7 +179,10 @@ def energy_and_forces(
     """``{"energy": y[:, 0], "forces": -d energy / d pos}`` (``create_graph`` in training, so
     a force loss trains the model; padded rows of dense ``pos`` get 0)."""
     energy = y[:, 0]
-    (grad,) = torch.autograd.grad(energy.sum(), pos, create_graph=training)
+    # materialize_grads: an empty batch (no atoms) has zero forces, not an autograd error
+    (grad,) = torch.autograd.grad(
+        energy.sum(), pos, create_graph=training, allow_unused=True, materialize_grads=True
+    )
     forces = -grad
     if key_padding_mask is not None:
         forces = forces.masked_fill(key_padding_mask.unsqueeze(-1), 0.0)
@@ -389,7 +392,8 @@ class MoleculeTransformer(nn.Module):
         h = self.embedding(z_safe)
         if self.sh is not None:
             h = h + self._sh_features(z_safe, pos, batch, mask, cell, pbc)
-        h = self.encoder(h, pos, batch, mask, cell if self.periodic_rpe else None)
+        if h.shape[0]:  # an empty batch (no graphs or no atoms) has nothing to attend to
+            h = self.encoder(h, pos, batch, mask, cell if self.periodic_rpe else None)
         atom_out = self.head(h)
         y = pool(atom_out, batch, mask, self.readout, num_graphs)
         y = y * self.target_std + self.target_mean

@@ -150,5 +150,6 @@ class PatchTransformer(nn.Module):
         h = self.embed(x)
         if mask is not None:
             h = h.masked_fill(mask.unsqueeze(-1), 0.0)
-        h = self.encoder(h, pos.to(h.dtype), batch, mask)
+        if h.shape[0]:  # an empty batch (no images or no patches) has nothing to attend to
+            h = self.encoder(h, pos.to(h.dtype), batch, mask)
         return self.head(pool(h, batch, mask, self.pooling, tokens.num_graphs))

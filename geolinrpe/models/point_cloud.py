@@ -166,7 +166,9 @@ class PointCloudTransformer(nn.Module):
             feats = torch.cat([feats, x.to(feats.dtype)], -1)
         if mask is not None:
             feats = feats.masked_fill(mask.unsqueeze(-1), 0.0)
-        h = self.encoder(self.input(feats), pos, batch, mask)
+        h = self.input(feats)
+        if h.shape[0]:  # an empty batch (no clouds or no points) has nothing to attend to
+            h = self.encoder(h, pos, batch, mask)
         pooled = self._pool(h, batch, mask, tokens.num_graphs)
         if self.task == "classification":
             return self.head(pooled)

@@ -80,6 +80,10 @@ class MetaConfig:
             if family not in FAMILIES:
                 raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
         self.families = tuple(self.families)
+        if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(
+                f"dtype must be float32, float64, bfloat16 or float16, got {self.dtype!r}"
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -284,25 +288,65 @@ def meta_train(
 def save_checkpoint(
     path: str | Path, net: UpdateNetwork, meta_opt, cfg: MetaConfig, history: dict
 ) -> None:
-    """Save ``{"net", "net_config", "meta_optimizer", "config", "history"}``."""
-    torch.save(
+    """Save ``{"net", "net_config", "meta_optimizer", "config", "history"}`` as plain data
+    (tensors, dicts, lists, str, numbers: loadable with ``weights_only=True``), with a
+    SHA-256 of the contents, atomically (:func:`geolinrpe.train.checkpoint.save_checkpoint`)."""
+    from ..train.checkpoint import save_checkpoint as write
+
+    write(
         {
             "net": net.state_dict(),
-            "net_config": net.config,
+            "net_config": _plain(net.config),
             "meta_optimizer": None if meta_opt is None else meta_opt.state_dict(),
-            "config": asdict(cfg),
-            "history": history,
+            "config": _plain(asdict(cfg)),
+            "history": _plain(history),
         },
         path,
     )
 
 
+def _plain(value):
+    """``value`` with tuples as lists and numpy scalars as Python numbers (plain data)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, Tensor):
+        return value.item()
+    return value
+
+
+_CHECKPOINT_KEYS = ("net", "net_config", "config")
+
+
 def load_checkpoint(path: str | Path) -> tuple[UpdateNetwork, MetaConfig, dict]:
-    """Rebuild ``(net, cfg, checkpoint)`` from :func:`save_checkpoint`'s file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = MetaConfig(**ckpt["config"])
-    net = UpdateNetwork(**ckpt["net_config"]).to(cfg.torch_dtype)
-    net.load_state_dict(ckpt["net"])
+    """Rebuild ``(net, cfg, checkpoint)`` from :func:`save_checkpoint`'s file.
+
+    Reads with ``torch.load(weights_only=True)`` only and verifies the file
+    (:func:`geolinrpe.train.checkpoint.read_checkpoint`).
+
+    Raises:
+        CheckpointError: (a ``ValueError``) the file is missing, truncated, corrupted, holds
+            objects other than tensors and plain data, lacks a key, or its network does not
+            match its config; the message names the file.
+    """
+    from ..train.checkpoint import CheckpointError, read_checkpoint
+
+    ckpt = read_checkpoint(path, _CHECKPOINT_KEYS, "learned-optimizer checkpoint")
+    try:
+        config = dict(ckpt["config"])
+        config["families"] = tuple(config.get("families", MetaConfig.families))
+        cfg = MetaConfig(**config)
+        net_config = dict(ckpt["net_config"])
+        if "betas" in net_config:
+            net_config["betas"] = tuple(net_config["betas"])
+        net = UpdateNetwork(**net_config).to(cfg.torch_dtype)
+        net.load_state_dict(ckpt["net"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} is not a usable learned-optimizer checkpoint "
+            f"({type(err).__name__}: {err})"
+        ) from err
     return net, cfg, ckpt
 
 

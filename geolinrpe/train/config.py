@@ -9,8 +9,9 @@ A :class:`Config` holds four sections, each a dataclass with typed, documented f
 
 Everything that can be checked without touching the data is checked when a config is built
 (:meth:`Config.from_dict`, :meth:`Config.load`): unknown keys, wrong types, values outside a
-set of choices, non-positive sizes. :meth:`Config.validate` (called by
-:func:`geolinrpe.train.run` before anything is loaded) also checks that the data paths exist.
+set of choices, non-finite numbers, non-positive sizes, sizes above :data:`MAXIMUM`.
+:meth:`Config.validate` (called by :func:`geolinrpe.train.run` before anything is loaded)
+also checks that the data paths exist.
 Every problem raises :class:`ValueError` naming the dotted key, e.g. ``optim.lr``.
 
 Overrides on the command line (``geolinrpe train cfg.yaml optim.lr=1e-3 data.targets=[gap,homo]
@@ -18,16 +19,24 @@ model.rpe=null model.rpe_options.lengthscale=2``) are parsed as YAML values (int
 booleans, ``null``, ``[lists]``, ``{maps}``) and then checked against the field's type, so
 ``1e-3`` is a float for a float field and ``gap`` becomes ``[gap]`` for a list field.
 
+Settings that weaken safety (:data:`SAFETY_SETTINGS`, today ``data.options.safe``) apply
+only when the user's own config file or command line sets them (with an
+:class:`UnsafeSettingWarning`); a config rebuilt from a checkpoint or run folder
+(:meth:`Config.from_saved`) has them reset to their safe value, with a warning.
+
 :meth:`Config.to_dict` gives plain data (saved inside every checkpoint);
 ``Config.from_dict(cfg.to_dict()) == cfg``.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import math
 import types
 import typing
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,12 +45,15 @@ from typing import Any, Literal
 import yaml
 
 __all__ = [
+    "MAXIMUM",
+    "SAFETY_SETTINGS",
     "TASKS",
     "Config",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
+    "UnsafeSettingWarning",
     "parse_override",
 ]
 
@@ -281,6 +293,60 @@ _NON_NEGATIVE = {
     "train.force_weight",
 }
 
+MAXIMUM: dict[str, int | float] = {
+    "model.embed_dim": 65_536,
+    "model.num_layers": 1_024,
+    "model.num_heads": 1_024,
+    "model.num_features": 65_536,
+    "model.options.hidden_channels": 65_536,
+    "model.options.num_filters": 65_536,
+    "model.options.num_interactions": 1_024,
+    "model.options.num_gaussians": 65_536,
+    "model.options.num_radial": 65_536,
+    "model.options.sh_channels": 65_536,
+    "model.options.sh_lmax": 16,
+    "model.options.max_num_neighbors": 65_536,
+    "model.options.mlp_ratio": 1_024,
+    "model.options.max_len": 16_777_216,
+    "model.rpe_options.num_frequencies": 65_536,
+    "model.rpe_options.num_features": 65_536,
+    "data.batch_size": 16_777_216,
+    "data.eval_batch_size": 16_777_216,
+    "data.num_workers": 1_024,
+}
+"""Upper bounds of size options (a typo such as ``model.num_features=1e8`` would otherwise
+allocate for minutes); keys under ``model.options``/``model.rpe_options`` apply when set."""
+
+SAFETY_SETTINGS: dict[str, tuple[Any, str]] = {
+    "data.options.safe": (
+        True,
+        "OC20 LMDB records are unpickled with the allow-list (safe=true); false unpickles them "
+        "with pickle, which runs any code a record names",
+    ),
+}
+"""Settings that weaken safety: dotted key -> (safe value, what the unsafe value does).
+
+They are never taken from a checkpoint or a saved run folder (:meth:`Config.from_saved`
+resets them to the safe value with a warning); set on the user's own command line or config
+file they apply, with an :class:`UnsafeSettingWarning`."""
+
+
+class UnsafeSettingWarning(UserWarning):
+    """A setting of :data:`SAFETY_SETTINGS` is unsafe, or was reset because it came from a
+    checkpoint."""
+
+
+_MISSING = object()
+
+
+def _get_path(values: dict[str, Any], key: str) -> Any:
+    node: Any = values
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
 
 @dataclass
 class Config:
@@ -331,7 +397,67 @@ class Config:
         for override in overrides:
             key, value = parse_override(override)
             _set_dotted(values, key, value)
-        return cls.from_dict(values)
+        cfg = cls.from_dict(values)
+        where = "the command line" if path is None else f"{str(path)!r} or the command line"
+        cfg.warn_unsafe(f"set in {where}")
+        return cfg
+
+    @classmethod
+    def from_saved(cls, values: dict[str, Any], source: str | Path) -> Config:
+        """A config rebuilt from a checkpoint or a saved run folder (``source`` names it),
+        with every setting of :data:`SAFETY_SETTINGS` reset to its safe value: a file never
+        weakens safety. Each reset is an :class:`UnsafeSettingWarning` naming ``source``,
+        the key, and how to opt in on one's own command line or config file.
+
+        Raises:
+            ValueError: as :meth:`from_dict`, the message also naming ``source``.
+        """
+        if not isinstance(values, dict):
+            raise ValueError(f"{source}: the stored config is not a mapping")
+        values = copy.deepcopy(values)
+        for key, (safe, _) in SAFETY_SETTINGS.items():
+            stored = _get_path(values, key)
+            if stored is _MISSING or stored == safe:
+                continue
+            _set_dotted(values, key, safe)
+            message = (
+                f"{source}: stored setting {key}={stored!r} ignored, using {key}={safe!r} "
+                f"(settings that weaken safety are never taken from a checkpoint); to opt "
+                f"in, pass {key}={_yaml_word(stored)} on your own command line or set it in "
+                "your own config file"
+            )
+            warnings.warn(message, UnsafeSettingWarning, stacklevel=2)
+        try:
+            return cls.from_dict(values)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from err
+
+    def unsafe_settings(self) -> dict[str, Any]:
+        """The settings of :data:`SAFETY_SETTINGS` that differ from their safe value."""
+        values = self.to_dict()
+        found = {}
+        for key, (safe, _) in SAFETY_SETTINGS.items():
+            value = _get_path(values, key)
+            if value is not _MISSING and value != safe:
+                found[key] = value
+        return found
+
+    def safe_settings(self) -> Config:
+        """A copy with every setting of :data:`SAFETY_SETTINGS` at its safe value."""
+        values = self.to_dict()
+        for key, (safe, _) in SAFETY_SETTINGS.items():
+            if _get_path(values, key) is not _MISSING:
+                _set_dotted(values, key, safe)
+        return Config.from_dict(values)
+
+    def warn_unsafe(self, where: str) -> None:
+        """An :class:`UnsafeSettingWarning` per unsafe setting, saying ``where`` it was set."""
+        for key, value in self.unsafe_settings().items():
+            message = (
+                f"config key {key!r} is {_yaml_word(value)} ({where}): "
+                f"{SAFETY_SETTINGS[key][1]}; use it only with files you trust"
+            )
+            warnings.warn(message, UnsafeSettingWarning, stacklevel=3)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested plain data (dicts, lists, str, int, float, bool, None): YAML- and
@@ -348,11 +474,34 @@ class Config:
         for override in overrides:
             key, value = parse_override(override)
             _set_dotted(values, key, value)
-        return Config.from_dict(values)
+        cfg = Config.from_dict(values)
+        before = self.unsafe_settings()
+        if any(before.get(k, _MISSING) != v for k, v in cfg.unsafe_settings().items()):
+            cfg.warn_unsafe("set on the command line")
+        return cfg
 
     # -------------------------------------------------------------------------- checking
     def check(self) -> None:
-        """Checks that need no files: positive sizes, targets given, consistent options."""
+        """Checks that need no files: finite numbers, positive and bounded sizes, targets
+        given, consistent options, safety settings of the right type."""
+        values = self.to_dict()
+        for section, part in values.items():
+            for name, value in part.items():
+                numbers = value if isinstance(value, list) else [value]
+                for number in numbers:
+                    if isinstance(number, float) and not math.isfinite(number):
+                        raise ValueError(
+                            f"config key '{section}.{name}' must be a finite number, got {value!r}"
+                        )
+        for key, bound in MAXIMUM.items():
+            value = _get_path(values, key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if not math.isfinite(value) or value > bound:
+                    raise ValueError(f"config key {key!r} must be at most {bound:,}, got {value!r}")
+        for key, (safe, _) in SAFETY_SETTINGS.items():
+            value = _get_path(values, key)
+            if value is not _MISSING and type(value) is not type(safe):
+                raise ValueError(f"config key {key!r} expects {type(safe).__name__}, got {value!r}")
         for key in sorted(_POSITIVE | _NON_NEGATIVE):
             value = self.get(key)
             if value is None:
@@ -487,6 +636,11 @@ class Config:
 
 
 # ------------------------------------------------------------------------------ helpers
+def _yaml_word(value: Any) -> str:
+    """``value`` as one would type it in an override (``false``, ``1``, ``abc``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"optim.lr=1e-3"`` -> ``("optim.lr", 0.001)``; the value is parsed as YAML.
 

@@ -18,6 +18,18 @@ What a run does, in order:
 5. returns the final metrics: validation metrics of the last model, ``test_*`` metrics of
    the best one.
 
+Non-finite values. A non-finite training loss or gradient norm (on any process) stops the
+run with :class:`NonFiniteError` before the optimizer update, naming the step, the learning
+rate and what to try; so does a non-finite validation metric, before it is saved or taken
+as the best. ``last.pt``/``best.pt`` therefore only ever hold finite weights of earlier steps
+(saving non-finite weights is refused). With ``fp16`` the gradient scaler still skips steps
+whose gradients overflow, as usual.
+
+Checkpoints are written and read by :mod:`geolinrpe.train.checkpoint`: plain data read with
+``torch.load(weights_only=True)``, a SHA-256 of the contents verified on load (resuming
+included), missing keys named; configs rebuilt from them never weaken safety
+(:meth:`Config.from_saved`).
+
 Determinism and resuming. Epoch ``e`` visits the training split in the order of
 ``torch.randperm`` seeded with ``seed + e``, sharded over processes as
 :class:`~torch.utils.data.DistributedSampler` does; data loading never touches the global RNG,
@@ -52,6 +64,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .config import Config
 from .tasks import Task, build_task
 
@@ -59,7 +72,9 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "EpochSampler",
     "LRSchedule",
+    "CheckpointError",
     "LoadedRun",
+    "NonFiniteError",
     "build_model",
     "evaluate",
     "load_checkpoint",
@@ -71,6 +86,28 @@ __all__ = [
 
 CHECKPOINT_FORMAT = 1
 """Version of the checkpoint layout (``ckpt["format"]``)."""
+
+_MODEL_KEYS = ("config", "model", "task_state")
+"""Keys :func:`load_checkpoint` needs."""
+_RESUME_KEYS = (
+    *_MODEL_KEYS,
+    "optimizer",
+    "scheduler",
+    "scaler",
+    "rng",
+    "step",
+    "epoch",
+    "batch_in_epoch",
+    "best",
+    "elapsed_s",
+    "loss_window",
+)
+"""Keys ``train.resume`` needs."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training met a non-finite loss, gradient norm or validation metric and stopped before
+    applying it; the message names the step, the learning rate and what to try."""
 
 
 # ----------------------------------------------------------------------------- processes
@@ -559,6 +596,8 @@ class _Trainer:
         if t.num_threads is not None:
             torch.set_num_threads(t.num_threads)
         self.out = Path(t.out_dir)
+        if env.is_main:
+            _check_out_dir(self.out)
         self.resume_path = self._resume_path()
 
         # data (process 0 first: it may build a cache the others then read)
@@ -634,6 +673,7 @@ class _Trainer:
         self.window = torch.zeros(2, dtype=torch.float64)  # training loss since last log, steps
         self.last_valid: dict[str, float] = {}
         self.best_state: dict[str, Tensor] | None = None
+        self.last_lr = self.schedule.lr()
         resume_step = None
         if self.resume_path is not None:
             resume_step = self._load(self.resume_path)
@@ -703,6 +743,17 @@ class _Trainer:
 
         ``collective``: every process calls this at the same step, so the running training
         loss is summed over processes and stored as each one's equal share."""
+        bad = [
+            k
+            for k, v in _unwrap(self.model).state_dict().items()
+            if v.is_floating_point() and not bool(torch.isfinite(v).all())
+        ]
+        if bad:  # every process holds the same weights: all of them stop here
+            raise NonFiniteError(
+                f"refusing to save non-finite weights ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}) at step {self.step}; "
+                f"{self._advice()}"
+            )
         self.saved_step = self.step
         window = self.window.clone()
         if collective and self.env.distributed:
@@ -711,18 +762,20 @@ class _Trainer:
             return
         state = self._state()
         state["loss_window"] = window
-        for name in ("last.pt", "best.pt") if best else ("last.pt",):
-            tmp = self.out / f".{name}.tmp"
-            torch.save(state, tmp)
-            os.replace(tmp, self.out / name)
+        names = ("last.pt", "best.pt") if best else ("last.pt",)
+        save_checkpoint(state, [self.out / name for name in names])
 
     def _load(self, path: Path) -> int:
         """Restore a checkpoint (same data and model config required); returns its step."""
-        ckpt = _read_checkpoint(path)
-        saved = Config.from_dict(ckpt["config"])
+        ckpt = read_checkpoint(path, _RESUME_KEYS, "geolinrpe training checkpoint")
+        try:  # compared without the safety settings, which never come from a file
+            saved = Config.from_dict(ckpt["config"]).safe_settings()
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {str(path)!r}: stored config: {err}") from err
+        mine = self.cfg.safe_settings()
         free = {"num_workers", "eval_batch_size"}  # may change between invocations
         for section in ("data", "model"):
-            ours, theirs = getattr(self.cfg, section), getattr(saved, section)
+            ours, theirs = getattr(mine, section), getattr(saved, section)
             for key, value in vars(ours).items():
                 if key not in free and getattr(theirs, key) != value:
                     raise ValueError(
@@ -730,19 +783,25 @@ class _Trainer:
                         f"({value!r} vs {getattr(theirs, key)!r}); resume with the same data "
                         "and model"
                     )
-        _unwrap(self.model).load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.schedule.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
-        self.batch_in_epoch = int(ckpt["batch_in_epoch"])
-        self.best, self.best_step = ckpt["best"]["metric"], int(ckpt["best"]["step"])
-        self.bad_evals = int(ckpt["best"]["bad_evals"])
-        self.last_valid = dict(ckpt.get("valid_metrics", {}))
-        self.elapsed = float(ckpt["elapsed_s"])
-        self.window = ckpt["loss_window"].clone()
+        try:
+            _unwrap(self.model).load_state_dict(ckpt["model"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.schedule.load_state_dict(ckpt["scheduler"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+            self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+            self.batch_in_epoch = int(ckpt["batch_in_epoch"])
+            self.best, self.best_step = ckpt["best"]["metric"], int(ckpt["best"]["step"])
+            self.bad_evals = int(ckpt["best"]["bad_evals"])
+            self.last_valid = dict(ckpt.get("valid_metrics", {}))
+            self.elapsed = float(ckpt["elapsed_s"])
+            self.window = ckpt["loss_window"].clone()
+            _set_rng_state(ckpt["rng"])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as err:
+            detail = f"key {err.args[0]!r} is missing" if isinstance(err, KeyError) else err
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} cannot be resumed from: {detail}"
+            ) from err
         self.saved_step = self.step
-        _set_rng_state(ckpt["rng"])
         if ckpt.get("world_size", 1) != self.env.world_size and self.batch_in_epoch:
             raise ValueError(
                 f"{path} stopped mid-epoch in a run of {ckpt.get('world_size', 1)} processes; "
@@ -752,8 +811,15 @@ class _Trainer:
         return self.step
 
     # --------------------------------------------------------------------------- steps
-    def _train_step(self, batch: Any) -> tuple[Tensor, Tensor | None]:
-        """One optimizer step; returns the loss and the gradient norm before clipping."""
+    def _train_step(self, batch: Any, lr: float) -> tuple[Tensor, Tensor | None]:
+        """One optimizer step at learning rate ``lr``; returns the loss and the gradient norm
+        before clipping (``None`` without ``optim.grad_clip``).
+
+        A non-finite loss or gradient norm on any process raises :class:`NonFiniteError`
+        before the update (every process agrees). With the fp16 gradient scaler an inf/NaN
+        gradient of a finite loss is the scaler's business: it skips that step and lowers
+        its scale, as usual.
+        """
         t, o = self.cfg.train, self.cfg.optim
         batch = _move(batch, self.env.device)
         self.model.train()
@@ -762,14 +828,48 @@ class _Trainer:
         loss = self.task.loss(out, batch)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        norm = None
+        self.scaler.unscale_(self.optimizer)  # a no-op without fp16
         if o.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+        else:
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            norms = [torch.linalg.vector_norm(g.detach().float()) for g in grads]
+            norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else loss.new_zeros(())
+        flags = torch.stack(
+            [~torch.isfinite(loss.detach().float()), ~torch.isfinite(norm.detach().float())]
+        ).to(torch.float32)
+        bad_loss, bad_grad = (bool(v) for v in _all_reduce(flags.cpu(), self.env, "max"))
+        if bad_loss or (bad_grad and not self.scaler.is_enabled()):
+            self.optimizer.zero_grad(set_to_none=True)
+            what = "training loss" if bad_loss else "gradient norm"
+            raise NonFiniteError(
+                f"training stopped at step {self.step + 1} (epoch {self.epoch}) with learning "
+                f"rate {lr:.4g}: the {what} is not finite (loss {float(loss.detach()):.4g}, "
+                f"gradient norm {float(norm.detach()):.4g}); the update was not applied. "
+                f"{self._advice()}"
+            )
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.schedule.step()
-        return loss.detach(), norm
+        return loss.detach(), (norm if o.grad_clip is not None else None)
+
+    def _advice(self) -> str:
+        """Where the last finite checkpoint is and what to try."""
+        o = self.cfg.optim
+        where = (
+            f"{self.out / 'last.pt'} holds the last saved finite state (step {self.saved_step})"
+            if self.saved_step >= 0 and self.env.is_main
+            else "no checkpoint was written"
+        )
+        clip = (
+            "enable gradient clipping (optim.grad_clip)"
+            if o.grad_clip is None
+            else (f"lower gradient clipping (optim.grad_clip, now {o.grad_clip:g})")
+        )
+        return (
+            f"{where}. Try a lower optim.lr (now {o.lr:g}), {clip}, or check the data for "
+            "NaN/inf values."
+        )
 
     def _validate(self) -> dict[str, float]:
         """Evaluate, track the best model, step ``plateau``, checkpoint and log."""
@@ -784,6 +884,14 @@ class _Trainer:
             t.progress,
             desc="valid",
         )
+        bad = {k: v for k, v in metrics.items() if not math.isfinite(v)}
+        if bad:
+            listed = ", ".join(f"{k}={v}" for k, v in bad.items())
+            raise NonFiniteError(
+                f"training stopped at step {self.step} (epoch {self.epoch}) with learning rate "
+                f"{self.last_lr:.4g}: validation metrics are not finite ({listed}); this model "
+                f"was neither saved nor taken as the best. {self._advice()}"
+            )
         self.last_valid = metrics
         value = metrics[self.monitor]
         better = self.best is None or (
@@ -861,9 +969,9 @@ class _Trainer:
                     dynamic_ncols=True,
                 )
                 for batch in loader:
-                    lr = self.schedule.lr()
+                    lr = self.last_lr = self.schedule.lr()
                     mid_step = True  # model/optimizer ahead of the counters until updated
-                    loss, norm = self._train_step(batch)
+                    loss, norm = self._train_step(batch, lr)
                     self.step += 1
                     steps_this_run += 1
                     self.batch_in_epoch += 1
@@ -960,7 +1068,7 @@ class _Trainer:
         best = self.best_state
         if best is None and (self.out / "best.pt").is_file():
             _barrier(self.env)
-            best = _read_checkpoint(self.out / "best.pt")["model"]
+            best = read_checkpoint(self.out / "best.pt", ("model",))["model"]
         if best is not None:
             model.load_state_dict(best)
         t = self.cfg.train
@@ -977,6 +1085,21 @@ class _Trainer:
             self.env,
         )
         return metrics
+
+
+def _check_out_dir(path: Path) -> None:
+    """Create ``train.out_dir`` and check that a file can be written there."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ValueError(
+            f"config key 'train.out_dir': cannot create or write to {str(path)!r} ({reason})"
+        ) from err
 
 
 def _package_version() -> str:
@@ -998,7 +1121,12 @@ def run(cfg: Config) -> dict[str, float]:
         ``best_step`` and ``test_<metric>`` (best model, when there is a test split).
 
     Raises:
-        ValueError: a config or data problem, naming the config key, before training starts.
+        ValueError: a config or data problem, naming the config key, before training starts
+            (including a ``train.out_dir`` that cannot be created or written).
+        NonFiniteError: a non-finite loss, gradient norm or validation metric; raised before
+            the update is applied, so ``last.pt``/``best.pt`` keep finite weights of an
+            earlier step.
+        CheckpointError: ``train.resume`` names a missing, corrupted or incomplete checkpoint.
     """
     cfg.validate()
     env = _init_distributed(cfg.train.device)
@@ -1023,34 +1151,35 @@ class LoadedRun:
     device: torch.device
 
 
-def _read_checkpoint(path: Path) -> Any:
-    """``torch.load`` with ``weights_only=True``: checkpoints hold tensors and plain data
-    only, so nothing in the file can run code."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable geolinrpe checkpoint: {err}") from err
-
-
 def load_checkpoint(path: str | Path, device: str = "auto") -> LoadedRun:
     """Rebuild the model of a ``last.pt``/``best.pt`` on ``device`` in eval mode.
 
+    The file is read with ``torch.load(weights_only=True)`` and verified
+    (:func:`geolinrpe.train.checkpoint.read_checkpoint`: zip CRCs, SHA-256, keys); its
+    config is rebuilt with :meth:`Config.from_saved`, so settings that weaken safety
+    (:data:`~geolinrpe.train.config.SAFETY_SETTINGS`) are reset with a warning.
+
     Raises:
-        ValueError: the file is missing or is not a geolinrpe checkpoint.
+        CheckpointError: (a ``ValueError``) the file is missing, truncated, corrupted, not a
+            geolinrpe checkpoint, lacks a key, or its model does not match its config; the
+            message names the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
-    ckpt = _read_checkpoint(path)
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise ValueError(f"{path} is not a geolinrpe training checkpoint")
-    cfg = Config.from_dict(ckpt["config"])
-    task = build_task(cfg, ckpt["task_state"])
+    ckpt = read_checkpoint(path, _MODEL_KEYS, "geolinrpe training checkpoint")
+    name = str(path)
+    try:
+        cfg = Config.from_saved(ckpt["config"], f"checkpoint {name!r}")
+    except ValueError as err:
+        raise CheckpointError(str(err)) from err
     dev = _select_device(device, 0)
-    model = build_model(cfg, task)
-    model.load_state_dict(ckpt["model"])
+    try:
+        task = build_task(cfg, ckpt["task_state"])
+        model = build_model(cfg, task)
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CheckpointError(
+            f"checkpoint {name!r}: its model cannot be rebuilt ({type(err).__name__}: {err})"
+        ) from err
     model.to(dev).eval()
     return LoadedRun(cfg, task, model, ckpt, dev)
 

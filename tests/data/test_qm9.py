@@ -437,6 +437,13 @@ def write_qm9pack_parts(folder: Path, edit) -> None:
         ("Elements", "['N','H','Xx','H']", "unknown element 'Xx'"),
         ("HOMO_au", "abc", "HOMO_au is 'abc', not a finite number"),
         ("InternalEnergy_0K_au", "", "InternalEnergy_0K_au is '', not a finite number"),
+        ("HOMO_au", "1e39", "not a finite number within float32's range"),
+        (
+            "XYZ_Ang",
+            "[[1e300,0.,1.],[0.,0.,0.],[1.,1.,1.],[2.,2.,2.]]",
+            "XYZ_Ang has a coordinate that is not a finite number within float32's range",
+        ),
+        ("GibbsFreeEnergy_298K_au", "3e38", "gdb_2: target G is 8.16342e+39 eV, beyond float32"),
         ("XYZ_file", "dsgdb9nsd_000009.xyz", "does not match Index 2"),
     ],
 )
@@ -446,7 +453,8 @@ def test_corrupt_qm9pack_rows(tmp_path, column, value, message):
         df.loc[1, column] = value
 
     write_qm9pack_parts(tmp_path / "pack", edit)
-    with pytest.raises(ValueError, match=r"qm9_part1\.csv, line 3 \(Index 2") as err:
+    named = r"qm9_part1\.csv, line 3 \(Index 2|QM9 molecule gdb_2"
+    with pytest.raises(ValueError, match=named) as err:
         QM9(str(tmp_path), raw_dir=str(tmp_path / "pack"), log=False)
     assert message in str(err.value)
 
@@ -460,6 +468,8 @@ def test_corrupt_xyz_files(tmp_path, records):
         (good.replace("\nN\t", "\nXx\t", 1), "line 3: unknown element 'Xx'"),
         (good.replace("0.0172574639", "0.017.2574639"), "line 4: '0.017.2574639' is not"),
         (good.replace("0.0172574639", "NaN"), "line 4: 'NaN' is not a finite number"),
+        (good.replace("0.0172574639", "1e39"), "line 4: '1e39' is not a finite number within"),
+        (good.replace("0.0172574639", "1.2*^300"), "line 4: '1.2*^300' is not a finite number"),
         ("\n".join(good.splitlines()[:5]), "truncated, 5 lines for 4 atoms"),
         (good.replace("gdb\t2\t", "gdb\t7\t"), "says gdb 7, the file name 2"),
     ]
@@ -487,6 +497,10 @@ def test_corrupt_pyg_raw_files(tmp_path, records):
     csv.write_text("\n".join([*lines[:3], ",".join(fields), *lines[4:]]) + "\n")
     with pytest.raises(ValueError, match=r"gdb9\.sdf\.csv, line 4 \(gdb_3\): gap is 'nan'"):
         QM9(str(tmp_path), source="pyg-raw", log=False)
+    fields[8] = "1e39"
+    csv.write_text("\n".join([*lines[:3], ",".join(fields), *lines[4:]]) + "\n")
+    with pytest.raises(ValueError, match=r"line 4 \(gdb_3\): gap is '1e39', beyond float32"):
+        QM9(str(tmp_path), source="pyg-raw", log=False)
     extra = lines[3].replace("gdb_3,", "gdb_999,", 1)
     csv.write_text("\n".join([*lines, extra]) + "\n")
     with pytest.raises(ValueError, match=r"1 rows have no record in .*gdb9\.sdf \(gdb_999\)"):
@@ -496,3 +510,73 @@ def test_corrupt_pyg_raw_files(tmp_path, records):
     unchar.write_text(unchar.read_text().replace("      61", "     6x1"))
     with pytest.raises(ValueError, match=r"uncharacterized\.txt, line 9: expected a molecule"):
         QM9(str(tmp_path), source="pyg-raw", log=False)
+
+
+# ------------------------------------------------------------------ cache safety
+class _Hostile:
+    """Unpickles (unsafely) into ``exec(code)``, which creates the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('x')",))
+
+
+@pytest.mark.parametrize("kind", ["pickle", "torch-save", "not-a-dict", "no-slices", "truncated"])
+def test_unusable_cache_is_rebuilt_never_executed(tmp_path, caplog, kind):
+    import pickle
+
+    marker = tmp_path / "MARKER"
+    root = tmp_path / "root"
+    first = QM9(str(root), max_molecules=20, log=False)
+    path = Path(first.processed_paths[0])
+    good = torch.load(path, weights_only=True)
+    if kind == "pickle":
+        path.write_bytes(pickle.dumps({"format_version": _Hostile(marker)}))
+    elif kind == "torch-save":
+        torch.save({**good, "data": _Hostile(marker)}, path)
+    elif kind == "not-a-dict":
+        torch.save([1, 2, 3], path)
+    elif kind == "no-slices":
+        torch.save({k: v for k, v in good.items() if k != "slices"}, path)
+    else:
+        path.write_bytes(path.read_bytes()[:200])
+    with caplog.at_level(logging.WARNING, logger="geolinrpe.data.qm9"):
+        again = QM9(str(root), max_molecules=20, log=False)
+    assert not marker.exists()
+    assert len(again) == 20 and torch.equal(again._data.z, first._data.z)
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert str(path) in warning and "rebuilding" in warning
+    expected = {
+        "pickle": "cannot be read safely",
+        "torch-save": "cannot be read safely",
+        "not-a-dict": "holds a list",
+        "no-slices": "field 'slices' is missing",
+        "truncated": "cannot be read safely",
+    }[kind]
+    assert expected in warning
+    assert torch.load(path, weights_only=True)["format_version"] == qm9.FORMAT_VERSION
+
+
+def test_hostile_pre_transform_record_is_not_executed(tmp_path, caplog):
+    marker = tmp_path / "MARKER"
+    root = tmp_path / "root"
+    QM9(str(root), max_molecules=20, log=False)
+    record = root / "processed" / "pre_transform.pt"
+    assert torch.load(record, weights_only=True) == "None"  # what PyG writes: a string
+    torch.save(_Hostile(marker), record)
+    with caplog.at_level(logging.WARNING, logger="geolinrpe.data.qm9"):
+        again = QM9(str(root), max_molecules=20, log=False)
+    assert not marker.exists() and len(again) == 20
+    assert str(record) in caplog.text and "rebuilding" in caplog.text
+    assert torch.load(record, weights_only=True) == "None"  # rewritten
+
+
+def test_cache_that_cannot_round_trip_weights_only_is_refused(tmp_path):
+    def add_path(data):
+        data.origin = Path("x")
+        return data
+
+    with pytest.raises(ValueError, match=r"\['origin'\]\[0\] is a \w*Path"):
+        QM9(str(tmp_path), max_molecules=3, pre_transform=add_path, log=False)
