@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch import Tensor
 from torch_geometric.data import Data
 
 __all__ = ["ConversionFailure", "ConversionReport", "from_ase", "from_smiles"]
@@ -146,18 +147,33 @@ def _optimize(mol, max_iters: int) -> tuple[str, str | None]:
 def _smiles_to_data(
     smiles: str, seed: int, optimize: bool, max_iters: int
 ) -> tuple[Data, str | None] | str:
-    """One SMILES -> ``(Data without name/idx, warning or None)``, or why it failed."""
+    """One SMILES -> ``(Data without name/idx, warning or None)``, or why it failed.
+
+    The string must be read whole: RDKit stops at the first whitespace and takes the rest as
+    the molecule's name (``"C CC"`` parses as methane named ``"CC"``), so any whitespace
+    (leading and trailing included; CXSMILES extensions too) is refused, as is a string
+    RDKit reads with a leftover name."""
     from rdkit import Chem
 
+    space = next((k for k, ch in enumerate(smiles) if ch.isspace()), None)
+    if space is not None:
+        return (
+            f"invalid SMILES {smiles!r}: whitespace {smiles[space]!r} at character {space} "
+            f"(RDKit would parse only {smiles[:space]!r} and ignore the rest); give one "
+            "molecule per input, without spaces"
+        )
     with _rdkit_log() as log:
         mol = Chem.MolFromSmiles(smiles, sanitize=False)
     if mol is None:
-        return "invalid SMILES: " + ("; ".join(log) or "RDKit could not parse it")
+        return f"invalid SMILES {smiles!r}: " + ("; ".join(log) or "RDKit could not parse it")
+    leftover = mol.GetProp("_Name") if mol.HasProp("_Name") else ""
+    if leftover:
+        return f"invalid SMILES {smiles!r}: RDKit did not read {leftover!r}"
     try:
         with _rdkit_log():
             Chem.SanitizeMol(mol)
     except Exception as exc:  # RDKit raises several exception types for chemistry errors
-        return f"invalid SMILES: {exc}"
+        return f"invalid SMILES {smiles!r}: {exc}"
     if mol.GetNumAtoms() == 0:
         return "empty molecule"
     mol = Chem.AddHs(mol)
@@ -210,7 +226,10 @@ def from_smiles(
         ``(data_list, report)``: one ``Data`` per converted input, in input order, with
         ``z [n]``, ``pos [n, 3]`` (Angstrom), ``smiles``, ``name``, ``idx [1]`` (input
         position) and ``force_field``; ``report.failures`` lists ``(index, smiles, reason)``
-        for the rest (unparsable SMILES, chemistry errors, embedding failures).
+        for the rest (unparsable SMILES, chemistry errors, embedding failures). A SMILES
+        must be read whole: one with whitespace anywhere (``"C CC"``, ``"CCO name"``, or a
+        trailing newline; RDKit would parse only the text before it) or with text RDKit
+        leaves unread is a failure, never a truncated molecule.
     """
     if isinstance(smiles_list, str):
         smiles_list = [smiles_list]
@@ -225,7 +244,7 @@ def from_smiles(
                 ConversionFailure(i, repr(smiles), f"not a string ({type(smiles).__name__})")
             )
             continue
-        result = _smiles_to_data(smiles.strip(), seed, optimize, max_iters)
+        result = _smiles_to_data(smiles, seed, optimize, max_iters)
         if isinstance(result, str):
             report.failures.append(ConversionFailure(i, smiles, result))
             continue
@@ -265,13 +284,23 @@ def _atoms_problem(atoms) -> str | None:
     if bad.any():
         first = int(np.flatnonzero(bad)[0])
         return f"unknown element (atomic number {int(numbers[first])}) at atom {first}"
-    pos = np.asarray(atoms.positions)
-    if not np.isfinite(pos).all():
-        first = int(np.flatnonzero(~np.isfinite(pos).all(axis=1))[0])
-        return f"non-finite coordinates at atom {first}"
-    if not np.isfinite(np.asarray(atoms.cell)).all():
-        return "non-finite cell"
     return None
+
+
+def _float32(values: Any, field: str, key: str, what: str = "atom") -> Tensor | str:
+    """``values`` as a float32 tensor, or why not: non-finite values, and finite float64
+    values beyond float32's range (``|x| > 3.4e38``, which the cast turns into ``inf``), are
+    refused naming ``field`` (``Data`` key ``key``) and the first bad row (``what`` index)."""
+    array = np.asarray(values, dtype=np.float64)
+    tensor = torch.as_tensor(array, dtype=torch.float32)  # out of range -> inf, checked next
+    bad = (~torch.isfinite(tensor)).reshape(-1)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])  # first bad element, row-major
+        value = float(array.reshape(-1)[first])
+        kind = "non-finite" if not np.isfinite(value) else "out of float32 range"
+        where = f" at {what} {first // max(array[0].size, 1)}" if array.ndim else ""
+        return f"{kind} {field}{where} ({key} = {value!r})"
+    return tensor
 
 
 def _results(atoms) -> dict:
@@ -291,10 +320,16 @@ def _atoms_to_data(atoms, name: str, idx: int) -> Data | str:
     problem = _atoms_problem(atoms)
     if problem is not None:
         return problem
+    pos = _float32(atoms.positions, "coordinates", "pos")
+    if isinstance(pos, str):
+        return pos
+    cell = _float32(np.asarray(atoms.cell), "cell", "cell", "lattice vector")
+    if isinstance(cell, str):
+        return cell
     data = Data(
         z=torch.as_tensor(np.asarray(atoms.numbers), dtype=torch.long),
-        pos=torch.as_tensor(np.asarray(atoms.positions), dtype=torch.float32),
-        cell=torch.as_tensor(np.asarray(atoms.cell), dtype=torch.float32).reshape(1, 3, 3),
+        pos=pos,
+        cell=cell.reshape(1, 3, 3),
         pbc=torch.as_tensor(np.asarray(atoms.pbc), dtype=torch.bool).reshape(1, 3),
         name=name,
         idx=torch.tensor([idx], dtype=torch.long),
@@ -302,16 +337,19 @@ def _atoms_to_data(atoms, name: str, idx: int) -> Data | str:
     results = _results(atoms)
     if "energy" in results:
         energy = float(results["energy"])
-        if not np.isfinite(energy):
-            return "non-finite energy"
+        # kept in float64 (resolution), but models and losses compute in float32
+        problem = _float32(energy, "energy", "energy")
+        if isinstance(problem, str):
+            return problem
         data.energy = torch.tensor([energy], dtype=torch.float64)
     if "forces" in results:
         forces = np.asarray(results["forces"], dtype=np.float64)
         if forces.shape != (len(atoms), 3):
             return f"forces have shape {forces.shape}, expected ({len(atoms)}, 3)"
-        if not np.isfinite(forces).all():
-            return "non-finite forces"
-        data.forces = torch.as_tensor(forces, dtype=torch.float32)
+        forces = _float32(forces, "forces", "forces")
+        if isinstance(forces, str):
+            return forces
+        data.forces = forces
     return data
 
 
@@ -329,7 +367,9 @@ def from_ase(
         index: which frames of each file, as for ``ase.io.read`` (default: all).
         strict: raise a :class:`ValueError` naming the file and frame of every structure
             that cannot be used (unknown elements, non-finite coordinates, empty structures,
-            unreadable or truncated files). Default ``True``: a corrupt structure file is a
+            unreadable or truncated files, and coordinates, cell, energy or forces that are
+            not finite or beyond float32's range, about 3.4e38, naming the field and atom).
+            Default ``True``: a corrupt structure file is a
             data error, not an expected outcome as a failed SMILES embedding is. With
             ``False`` the valid structures are returned and the rest listed in the report.
         format: ASE format name, when the file name does not tell it.

@@ -691,8 +691,9 @@ def read_point_cloud(path: str | os.PathLike, normals: bool | None = None) -> Da
         are fan-triangulated).
 
     Raises:
-        ValueError: unknown suffix, corrupt, truncated or non-finite content; the message
-            names the file and the line or element.
+        ValueError: unknown suffix, corrupt, truncated or non-finite content, or values
+            beyond float32's range (``|x| > 3.4e38``, which would become ``inf``); the
+            message names the file, the field and the line or element.
     """
     path = Path(path)
     if not path.is_file():
@@ -717,17 +718,22 @@ def read_point_cloud(path: str | os.PathLike, normals: bool | None = None) -> Da
             content["x"] = table[:, start:]
     if len(content["pos"]) == 0:
         raise ValueError(f"{path}: no points")
-    for key in ("pos", "normal", "x"):
-        if key in content:
-            finite = np.isfinite(content[key]).all(axis=1)
-            if not finite.all():
-                k = int(np.flatnonzero(~finite)[0])
-                raise ValueError(f"{path}: non-finite {key} at {where} {k}")
     data = Data()
     for key, value in content.items():
-        data[key] = (
-            value if isinstance(value, Tensor) else torch.as_tensor(value, dtype=torch.float32)
-        )
+        if isinstance(value, Tensor):
+            data[key] = value
+            continue
+        # check after the cast: finite float64 values beyond float32's range (|x| > 3.4e38)
+        # become inf there
+        tensor = torch.as_tensor(value, dtype=torch.float32)
+        finite = torch.isfinite(tensor).all(dim=1)
+        if not bool(finite.all()):
+            k = int((~finite).nonzero()[0, 0])
+            row = np.asarray(value[k], dtype=np.float64)
+            bad = float(row[~torch.isfinite(tensor[k]).numpy()][0])
+            kind = "non-finite" if not np.isfinite(bad) else "out of float32 range"
+            raise ValueError(f"{path}: {kind} {key} at {where} {k} ({bad!r})")
+        data[key] = tensor
     return data
 
 

@@ -19,11 +19,11 @@ from ..ops.checks import (
     check_floating,
     check_key_padding_mask,
     check_same_device_dtype,
+    eager_checks,
 )
 from ..ops.exact import feature_attention, kernel_matrix, masked_kernel_attention
 from ..ops.linear import NORMALIZATIONS, linear_attention
 from ..ops.modes import Featurizer, MaskMode
-from ..ops.packing import to_padded
 from ..rpe import REGISTRY, RPE, build
 
 MODES = ("logit", "mask")
@@ -194,21 +194,21 @@ class RPEAttention(nn.Module):
 
     # ------------------------------------------------------------------ inputs
     def _prepare(self, x, pos, batch, key_padding_mask, cell):
-        """Validate; return ``(q, k, v, pos)`` per head and the layout arguments."""
+        """Validate; return ``(q, k, v, pos)`` per head and the layout arguments, or ``None``
+        when ``x`` has no tokens (the layer's output is then empty)."""
         check_floating("x", x)
         if x.dim() not in (2, 3):
             raise ValueError(f"x must be [b, n, c] (dense) or [n, c] (packed), got {list(x.shape)}")
         if x.shape[-1] != self.embed_dim:
             raise ValueError(f"x has {x.shape[-1]} channels, expected embed_dim={self.embed_dim}")
-        if x.shape[-2] == 0:
-            raise ValueError("x has no tokens")
+        empty = x.shape[:-1].numel() == 0  # no tokens: b = 0 or n = 0 (dense), n = 0 (packed)
         packed = x.dim() == 2
         if packed:
             if key_padding_mask is not None:
                 raise ValueError("key_padding_mask is for dense x [b, n, c]; packed x uses batch")
             if batch is None:
                 batch = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            check_batch(batch, x.shape[0], x.device)
+            check_batch(batch, x.shape[0], x.device, allow_empty=True)
         else:
             if batch is not None:
                 raise ValueError("batch is for packed x [n, c]; dense x uses key_padding_mask")
@@ -224,6 +224,8 @@ class RPEAttention(nn.Module):
             if list(pos.shape) != want:
                 raise ValueError(f"pos must have shape {want}, got {list(pos.shape)}")
             check_same_device_dtype({"x": x, "pos": pos})
+            if empty:
+                return None
             if self.center_positions:
                 pos = _center(pos, batch, key_padding_mask, self.rpe.integer_positions)
             with torch.autocast(device_type=x.device.type, enabled=False):  # eigh, det, ...
@@ -235,6 +237,8 @@ class RPEAttention(nn.Module):
                 )
         if self.rpe is None and cell is not None:
             raise ValueError("cell is only used by periodic RPEs; this layer has rpe=None")
+        if empty:
+            return None
         q, k, v = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(-3)
         return q, k, v, pos, batch
 
@@ -249,14 +253,17 @@ class RPEAttention(nn.Module):
         if cell is None:
             raise ValueError(f"{type(self.rpe).__name__} is periodic: pass cell [g, 3, 3]")
         check_floating("cell", cell)
-        graphs = x.shape[0] if batch is None else int(batch[-1]) + 1
+        if batch is None:
+            graphs = x.shape[0]
+        else:  # the graph count is a value of batch: unknown while compiling
+            graphs = int(batch[-1]) + 1 if eager_checks() else cell.shape[0]
         want = [graphs, self.pos_dim, self.pos_dim]
         if list(cell.shape) != want:
             raise ValueError(
                 f"cell must have shape {want} (one cell per graph), got {list(cell.shape)}"
             )
         check_same_device_dtype({"x": x, "cell": cell})
-        if bool((torch.linalg.det(cell).abs() < 1e-12).any()):
+        if eager_checks() and bool((torch.linalg.det(cell).abs() < 1e-12).any()):
             raise ValueError("cell contains a singular (zero-volume) lattice")
         return cell
 
@@ -269,7 +276,10 @@ class RPEAttention(nn.Module):
         cell: Tensor | None = None,
     ) -> Tensor:
         """Attend; see the class docstring for shapes (``cell`` only for periodic RPEs)."""
-        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask, cell)
+        prepared = self._prepare(x, pos, batch, key_padding_mask, cell)
+        if prepared is None:  # no tokens: an empty output of the right shape
+            return self.out(x)
+        q, k, v, pos, batch = prepared
         attend = linear_attention if self.rpe is None else self.rpe.attend
         out = attend(
             q,
@@ -311,7 +321,10 @@ class RPEAttention(nn.Module):
         for name, value in (("kernel", kernel), ("rpe", rpe)):
             if value not in ("features", "exact"):
                 raise ValueError(f"{name} must be 'features' or 'exact', got {value!r}")
-        q, k, v, pos, batch = self._prepare(x, pos, batch, key_padding_mask, cell)
+        prepared = self._prepare(x, pos, batch, key_padding_mask, cell)
+        if prepared is None:
+            return self.out(x)
+        q, k, v, pos, batch = prepared
         layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=self.causal)
         featurizer, normalize = self.featurizer, self.normalize
         engine = self.rpe is None or (rpe == "features" and self.rpe.uses_engine)
@@ -349,15 +362,36 @@ class RPEAttention(nn.Module):
 def _center(
     pos: Tensor, batch: Tensor | None, key_padding_mask: Tensor | None, integer: bool
 ) -> Tensor:
-    """Subtract each graph's (dense: each row's valid tokens') mean position (rounded if
-    ``integer``, so integer positions stay integers)."""
+    """``pos`` minus each graph's (packed ``[n, p]`` with ``batch [n]``) or each row's (dense
+    ``[b, n, p]``, over the tokens that ``key_padding_mask [b, n]`` leaves valid) mean position.
+
+    Packed graphs use segment sums (``index_add`` over ``batch``): O(n) memory and time, never
+    a ``[g, n_max]`` padded copy. With ``integer`` the centre is ``floor(mean + 1/2)``,
+    computed exactly as ``floor((2 S + m) / (2 m))`` from the sum ``S`` of the graph's ``m``
+    positions in float64 (exact for integer positions with ``|S| < 2**52``): integer
+    positions stay integers, and shifting a graph by an integer ``s`` shifts its centre by
+    exactly ``s``, so the centred positions (and the layer's output) do not change.
+    ``round(mean)`` (half to even) does not commute with shifts: ``0.5 -> 0`` but
+    ``1.5 -> 2``.
+    """
+    work = torch.float64 if integer and pos.device.type != "mps" else pos.dtype
+    values = pos.to(work)
     if batch is not None:
-        dense, mask = to_padded(pos, batch)
-        counts = (~mask).sum(1, keepdim=True).clamp_min(1)
-        mean = (dense.sum(1) / counts)[batch]
+        num_graphs = int(batch[-1]) + 1 if batch.numel() else 0
+        sums = values.new_zeros(num_graphs, pos.shape[-1]).index_add_(0, batch, values)
+        counts = torch.bincount(batch, minlength=num_graphs).to(work).unsqueeze(-1)
     elif key_padding_mask is None:
-        mean = pos.mean(1, keepdim=True)
+        sums = values.sum(1, keepdim=True)
+        counts = torch.full_like(sums[..., :1], pos.shape[1])
     else:
-        valid = (~key_padding_mask).unsqueeze(-1).to(pos.dtype)
-        mean = (pos * valid).sum(1, keepdim=True) / valid.sum(1, keepdim=True).clamp_min(1)
-    return pos - (mean.round() if integer else mean)
+        valid = (~key_padding_mask).unsqueeze(-1).to(work)
+        sums = (values * valid).sum(1, keepdim=True)
+        counts = valid.sum(1, keepdim=True)
+    counts = counts.clamp_min(1)
+    if integer:
+        centre = torch.div(2 * sums + counts, 2 * counts, rounding_mode="floor")
+    else:
+        centre = sums / counts
+    if batch is not None:
+        centre = centre[batch]
+    return pos - centre.to(pos.dtype)

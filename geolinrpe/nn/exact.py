@@ -65,7 +65,8 @@ class ExactRPEAttention(RPEAttention):
             and key_padding_mask is None
             and (pos is None or (isinstance(pos, Tensor) and pos.dim() == 2 and len(pos) == len(x)))
         )
-        if paddable and check_batch(batch, x.shape[0], x.device) > 1:
+        graphs = check_batch(batch, x.shape[0], x.device, allow_empty=True) if paddable else 0
+        if paddable and (graphs is None or graphs > 1):  # None: compiling, count unknown
             dense_x, mask = to_padded(x, batch)
             dense_pos = None if pos is None else to_padded(pos, batch)[0]
             out = self.reference(dense_x, dense_pos, None, mask, **exact)

@@ -2,6 +2,10 @@
 
 Every check raises ``ValueError`` naming the offending argument, so that bad input never
 turns into a shape error deep inside torch or into silently wrong numbers.
+
+Checks of tensor *values* (finiteness, sortedness, graph ids) need the values on the host,
+which ``torch.compile(fullgraph=True)`` and ``torch.export`` cannot trace: they run in eager
+mode only (:func:`eager_checks`); checks of types, shapes, dtypes and devices always run.
 """
 
 from __future__ import annotations
@@ -10,13 +14,23 @@ import torch
 from torch import Tensor
 
 
+def eager_checks() -> bool:
+    """Whether value-dependent input checks should run: ``False`` while ``torch.compile`` or
+    ``torch.export`` traces (they would break the graph or fail to export), ``True`` in
+    eager mode."""
+    return not torch.compiler.is_compiling()
+
+
 def check_floating(name: str, tensor: Tensor, finite: bool = True) -> None:
-    """``tensor`` is a floating tensor and, with ``finite``, has no NaN or inf."""
+    """``tensor`` is a floating tensor and, with ``finite`` (eager mode only), has no NaN or
+    inf."""
     if not isinstance(tensor, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if not tensor.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got dtype {tensor.dtype}")
-    if finite and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+    if not finite or not eager_checks():
+        return
+    if tensor.numel() and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise ValueError(f"{name} contains {bad} NaN or inf value(s)")
 
@@ -38,10 +52,13 @@ def check_same_device_dtype(tensors: dict[str, Tensor | None], same_dtype: bool 
             )
 
 
-def check_batch(batch: Tensor, num_tokens: int, device: torch.device) -> int:
+def check_batch(
+    batch: Tensor, num_tokens: int, device: torch.device, allow_empty: bool = False
+) -> int | None:
     """PyG-style ``batch`` vector: int ``[n]``, sorted, graph ids ``0..G-1`` without gaps.
 
-    Returns the number of graphs ``G``.
+    Returns the number of graphs ``G`` (0 for an empty ``batch`` with ``allow_empty``, which
+    otherwise raises), or ``None`` while compiling, when the values are not checked.
     """
     if not isinstance(batch, Tensor):
         raise ValueError(f"batch must be a torch.Tensor, got {type(batch).__name__}")
@@ -55,7 +72,11 @@ def check_batch(batch: Tensor, num_tokens: int, device: torch.device) -> int:
     if batch.device != device:
         raise ValueError(f"batch is on {batch.device} but the inputs are on {device}")
     if num_tokens == 0:
+        if allow_empty:
+            return 0
         raise ValueError("batch is empty: there are no tokens to attend over")
+    if not eager_checks():
+        return None
     if int(batch[0]) < 0 or bool((batch < 0).any()):
         raise ValueError("batch contains negative graph ids")
     steps = batch[1:] - batch[:-1]

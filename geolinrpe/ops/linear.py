@@ -94,7 +94,8 @@ def linear_attention(
         check_finite: reject NaN/inf in q, k, v, pos.
 
     Returns:
-        ``[b, n, h, e]`` or ``[n, h, e]`` in ``v``'s dtype.
+        ``[b, n, h, e]`` or ``[n, h, e]`` in ``v``'s dtype (zeros of that shape when there
+        are no tokens: ``b = 0`` or ``n = 0``).
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
@@ -103,6 +104,8 @@ def linear_attention(
     packed = batch is not None
     _check_inputs(q, k, v, pos, key_padding_mask, batch, packed, check_finite)
     out_dtype = v.dtype
+    if q.shape[:-2].numel() == 0:  # no tokens (b = 0 or n = 0): nothing attends
+        return v.new_zeros(v.shape)
     if out_dtype in HALF:  # accumulate in float32
         q, k, v = q.float(), k.float(), v.float()
         pos = None if pos is None else pos.float()
@@ -153,7 +156,7 @@ def _check_inputs(q, k, v, pos, key_padding_mask, batch, packed, check_finite) -
     if packed:
         if key_padding_mask is not None:
             raise ValueError("pass either batch (packed) or key_padding_mask (dense), not both")
-        check_batch(batch, q.shape[0], q.device)
+        check_batch(batch, q.shape[0], q.device, allow_empty=True)
     elif key_padding_mask is not None:
         check_key_padding_mask(key_padding_mask, q.shape[0], q.shape[1], q.device)
 
@@ -240,7 +243,7 @@ def _default_chunk(q: Tensor, v: Tensor, featurizer: Featurizer) -> int:
     b, _, h, e = v.shape
     m = max(featurizer.num_rpe_features, 1)
     per_token = b * h * (m * (e + 1) + 4 * (q.shape[-1] + m + featurizer.num_features))
-    return max(16, CHUNK_BUDGET // per_token)
+    return max(16, CHUNK_BUDGET // max(per_token, 1))
 
 
 def _bidirectional(q, k, v, pos, featurizer, valid, normalize, chunk_size) -> Tensor:

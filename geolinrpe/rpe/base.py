@@ -84,7 +84,8 @@ class RPE(nn.Module):
     modes: tuple[str, ...] = ()
     #: needs a lattice ``cell`` per graph (periodic encodings)
     periodic: bool = False
-    #: positions must be integers (the layer centres them by a rounded mean)
+    #: positions must be integers (the layer centres them by floor(mean + 1/2): exact under
+    #: integer shifts)
     integer_positions: bool = False
     #: the encoding of a token depends on all tokens of its graph (not allowed with causal)
     uses_whole_graph: bool = False

@@ -43,6 +43,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..ops.checks import eager_checks
 from .rotary import AxialRotation, OrthogonalMapRPE, RoPE
 
 
@@ -155,8 +156,8 @@ class PermutationLRPE(LRPE):
 
     Positions must be integers (``pos_dim = 1``); fractional positions raise ``ValueError``.
     Padded slots must hold integers too (the engine zeroes them). ``RPEAttention``
-    centres integer positions by a rounded mean (``integer_positions``), so they stay integers
-    and translation invariance under integer shifts is exact.
+    centres integer positions by ``floor(mean + 1/2)`` (``integer_positions``), so they stay
+    integers and the output is exactly invariant under integer shifts.
 
     Args:
         pos_dim: must be 1.
@@ -224,7 +225,9 @@ class PermutationLRPE(LRPE):
         self._check_transform_inputs(x, pos)
         steps = pos[..., 0]
         if pos.is_floating_point():
-            if not bool(torch.isfinite(steps).all()) or bool((steps != steps.round()).any()):
+            if eager_checks() and (
+                not bool(torch.isfinite(steps).all()) or bool((steps != steps.round()).any())
+            ):
                 raise ValueError(
                     "PermutationLRPE needs integer positions (P^s is undefined for fractional s); "
                     "padded slots too."

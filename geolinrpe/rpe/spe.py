@@ -72,6 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..features.base import FeatureMap
+from ..ops.checks import eager_checks
 from ..ops.exact import allowed_pairs, masked_kernel_attention
 from ..ops.modes import TokenFeatures
 from .base import RPE, _check_positive_ints
@@ -451,7 +452,8 @@ class ConvSPE(SPE):
     def grid_index(self, pos: Tensor) -> Tensor:
         """Integer positions ``pos [..., p]`` -> noise-buffer indices ``[..., p]`` (validated)."""
         rounded = pos.round()
-        if pos.numel() and bool(((pos - rounded).abs() > INTEGER_TOLERANCE).any()):
+        fractional = eager_checks() and pos.numel()
+        if fractional and bool(((pos - rounded).abs() > INTEGER_TOLERANCE).any()):
             raise ValueError(
                 "pos must hold integer grid coordinates for ConvSPE (a regular grid: sequence "
                 "indices or patch (row, col)); got non-integer positions"
@@ -490,7 +492,8 @@ class ConvSPE(SPE):
 
     def positional_kernel(self, delta: Tensor) -> Tensor:
         rounded = delta.round()
-        if delta.numel() and bool(((delta - rounded).abs() > INTEGER_TOLERANCE).any()):
+        tolerance = INTEGER_TOLERANCE
+        if eager_checks() and delta.numel() and bool(((delta - rounded).abs() > tolerance).any()):
             raise ValueError("pos differences must be integers for ConvSPE (a regular grid)")
         h, d, k = self.num_heads, self.dim, self.kernel_size
         span = [2 * size - 1 for size in k]  # lags -(k - 1) .. k - 1 per dimension

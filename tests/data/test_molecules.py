@@ -206,3 +206,62 @@ def test_from_ase_rejects_bad_structures_naming_file_and_frame(tmp_path):
     assert report.num_inputs == 8 and len(report.failures) == 4
     assert [f.index for f in report.failures] == [4, 5, 6, 7]
     assert report.failures[0].input.endswith("truncated.xyz, frame 1")
+
+
+# ------------------------------------------------------------------ inputs read whole or refused
+def test_from_smiles_refuses_input_not_read_whole():
+    # RDKit stops at whitespace and takes the rest as the name: "C CC" would be methane
+    bad = ["C CC", "C\tCC", "CC C", "CCO extra", "c1ccccc1)", "CC\nC", " CCO", "CCO\n", "CC\x00C"]
+    good = ["CCO", "c1ccccc1", "[CH4]", "C.C"]
+    data, report = from_smiles(bad + good, optimize=False)
+    assert [d.smiles for d in data] == good
+    assert [d.idx.item() for d in data] == list(range(len(bad), len(bad) + len(good)))
+    assert [f.index for f in report.failures] == list(range(len(bad)))
+    for failure, smiles in zip(report.failures, bad, strict=True):
+        assert failure.input == smiles and "invalid SMILES" in failure.reason
+        assert repr(smiles) in failure.reason  # the message names the input
+    assert "whitespace ' ' at character 1" in report.failures[0].reason
+    assert "whitespace '\\t'" in report.failures[1].reason
+    # each good one is the whole molecule (heavy atoms + H), not a prefix
+    assert [d.z.numel() for d in data] == [9, 12, 5, 10]
+    with pytest.raises(ValueError, match=r"\[0\] 'C CC'"):
+        from_smiles(["C CC"], strict=True)
+
+
+@pytest.mark.parametrize("value", [1e300, 1e39, -1e39, float("inf")])
+@pytest.mark.parametrize("field", ["pos", "cell", "energy", "forces"])
+def test_from_ase_refuses_values_beyond_float32(tmp_path, field, value):
+    atoms = molecule("H2O")
+    atoms.cell = 10 * np.eye(3)
+    energy, forces = -14.0, np.zeros((3, 3))
+    if field == "pos":
+        atoms.positions[2, 1] = value
+    elif field == "cell":
+        atoms.cell[1, 2] = value
+    elif field == "energy":
+        energy = value
+    else:
+        forces[1, 0] = value
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    kind = "non-finite" if value == float("inf") else "out of float32 range"
+    expected = {
+        "pos": f"{kind} coordinates at atom 2 (pos = {value!r})",
+        "cell": f"{kind} cell at lattice vector 1 (cell = {value!r})",
+        "energy": f"{kind} energy (energy = {value!r})",
+        "forces": f"{kind} forces at atom 1 (forces = {value!r})",
+    }[field]
+    data, report = from_ase([molecule("H2O"), atoms], strict=False)
+    assert len(data) == 1 and [f.index for f in report.failures] == [1]
+    assert report.failures[0].reason == expected
+    assert all(torch.isfinite(d.pos).all() for d in data)
+    if field != "cell":  # extxyz stores the values as text; the failure names file and frame
+        path = tmp_path / "big.extxyz"
+        ase.io.write(path, [molecule("H2O"), atoms])
+        with pytest.raises(ValueError) as info:
+            from_ase(path)
+        assert "big.extxyz, frame 1" in str(info.value) and expected in str(info.value)
+    # the largest float32 value is kept exactly
+    ok = molecule("H2O")
+    ok.calc = SinglePointCalculator(ok, energy=3.0e38, forces=np.full((3, 3), -3.0e38))
+    (d,), _ = from_ase(ok)
+    assert d.energy.item() == 3.0e38 and torch.isfinite(d.forces).all()

@@ -279,6 +279,47 @@ def test_readers_reject_corrupt_files(tmp_path, cloud):
         read_point_cloud(tmp_path / "missing.ply")
 
 
+@pytest.mark.parametrize("value", [1e300, 1e39, -1e39])
+def test_readers_refuse_values_beyond_float32(tmp_path, cloud, value):
+    """Finite float64 values that the float32 cast would turn into inf are refused, naming
+    the file, the field and the point."""
+    pos, normal, faces = (a.astype(np.float64) if i < 2 else a for i, a in enumerate(cloud))
+    for field, row in (("pos", 3), ("normal", 5)):
+        p, q = pos.copy(), normal.copy()
+        (p if field == "pos" else q)[row, 1] = value
+        text = "\n".join(
+            " ".join(repr(float(v)) for v in (*a, *b)) for a, b in zip(p, q, strict=True)
+        )
+        write_ply_ascii(tmp_path / f"{field}.ply", p, q, faces)
+        write_ply_binary(tmp_path / f"{field}.b.ply", p, q, faces, ">", ("double", "f8"))
+        files = {
+            tmp_path / f"{field}.ply": "vertex",
+            tmp_path / f"{field}.b.ply": "vertex",
+            corrupt(tmp_path / f"{field}.off", f"NOFF\n{len(p)} 0 0\n{text}\n"): "vertex",
+            corrupt(tmp_path / f"{field}.xyz", text + "\n"): "point",
+            corrupt(tmp_path / f"{field}.csv", text.replace(" ", ",") + "\n"): "point",
+        }
+        np.save(tmp_path / f"{field}.npy", np.concatenate([p, q], 1))
+        files[tmp_path / f"{field}.npy"] = "row"
+        for path, where in files.items():
+            message = f"{path}: out of float32 range {field} at {where} {row} ({value!r})"
+            with pytest.raises(ValueError) as info:
+                read_point_cloud(path)
+            assert str(info.value) == message
+    # extra columns (x) too; the largest float32 values are kept
+    table = np.concatenate([pos, normal, pos[:, :1]], 1)
+    table[2, 6] = value
+    np.save(tmp_path / "x.npy", table)
+    with pytest.raises(ValueError, match=r"x.npy: out of float32 range x at row 2 "):
+        read_point_cloud(tmp_path / "x.npy")
+    table[2, 6] = 3.0e38
+    table[0, 0] = -3.0e38
+    np.save(tmp_path / "max.npy", table)
+    data = read_point_cloud(tmp_path / "max.npy", normals=True)
+    assert data.x[2, 0].item() == pytest.approx(3.0e38, rel=1e-6)
+    assert data.pos[0, 0].item() == pytest.approx(-3.0e38, rel=1e-6)
+
+
 # -------------------------------------------------------------------------------- transforms
 def test_center_and_normalize_scale():
     data = Data(pos=torch.randn(50, 3, dtype=D64) * 3 + 5)

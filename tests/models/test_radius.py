@@ -15,8 +15,9 @@ def cloud(sizes, scale=1.5):
     return scale * torch.randn(sum(sizes), 3, dtype=D64), batch
 
 
-def brute_force(pos, batch, r, loop, k=None):
-    """Sorted (i, j) pairs: same graph, distance < r, the k nearest per i (ties: lower j)."""
+def brute_force(pos, batch, r, loop, k=None, tol=0.01):
+    """Sorted (i, j) pairs: same graph, distance < r, the k nearest per i and every other one
+    within ``tol`` of the k-th distance (the default ``tie_tolerance``)."""
     dist = torch.cdist(pos, pos)
     edges = []
     for i in range(len(pos)):
@@ -25,7 +26,9 @@ def brute_force(pos, batch, r, loop, k=None):
             for j in range(len(pos))
             if batch[i] == batch[j] and dist[i, j] < r and (loop or i != j)
         )
-        edges += sorted((i, j) for _, j in near[:k])
+        if k is not None and len(near) > k:
+            near = [(d, j) for d, j in near if d <= near[k - 1][0] + tol]
+        edges += sorted((i, j) for _, j in near)
     return edges
 
 

@@ -4,6 +4,10 @@ import pytest
 import torch
 
 from geolinrpe import RPEAttention
+from geolinrpe.nn.attention import _center
+from geolinrpe.nn.block import RPETransformerEncoder
+from geolinrpe.nn.exact import ExactRPEAttention
+from geolinrpe.ops import to_padded
 from geolinrpe.rpe import ShiftInvariantKernelRPE
 from geolinrpe.testing import (
     assert_padding_consistent,
@@ -245,7 +249,7 @@ def test_bad_input_raises_value_error_naming_the_argument():
         ),
         (dict(x=x, pos=pos, batch=torch.zeros(6, dtype=torch.long)), "batch is for packed"),
         (dict(x=x.int(), pos=pos), "x must be a floating"),
-        (dict(x=torch.randn(2, 0, 120), pos=torch.randn(2, 0, 3)), "no tokens"),
+        (dict(x=torch.randn(0, 6, 120), pos=torch.randn(0, 6, 2)), "pos must have shape"),
         (dict(x=x, pos=pos, cell=torch.eye(3).expand(2, 3, 3)), "only used by periodic"),
     ]
     xp, pp = torch.randn(6, 120), torch.randn(6, 3)
@@ -293,3 +297,141 @@ def test_cell_without_rpe_is_rejected():
     attn = RPEAttention(8, 2)
     with pytest.raises(ValueError, match="rpe=None"):
         attn(torch.randn(4, 8), cell=torch.eye(3)[None])
+
+
+# ------------------------------------------------------- centring: segment means, integer shifts
+
+
+def padded_center(pos, batch, integer):
+    """The former computation: pad every graph to the largest, mean over the valid slots."""
+    dense, mask = to_padded(pos, batch)
+    counts = (~mask).sum(1, keepdim=True).clamp_min(1)
+    mean = (dense.sum(1) / counts)[batch]
+    return pos - (torch.floor(mean + 0.5) if integer else mean)
+
+
+def test_center_segment_means_equal_the_padded_computation():
+    sizes = [1, 5, 1, 40, 3, 1, 17]
+    x, pos, batch = packed_batch(sizes)
+    torch.testing.assert_close(_center(pos, batch, None, False), padded_center(pos, batch, False))
+    ints = torch.randint(-50, 50, pos.shape).to(D64)
+    got = _center(ints, batch, None, True)
+    assert torch.equal(got, padded_center(ints, batch, True)) and torch.equal(got, got.round())
+    # dense rows with padding: the mean of the valid tokens
+    dense, mask = to_padded(pos, batch)
+    centred, _ = to_padded(_center(pos, batch, None, False), batch)
+    torch.testing.assert_close(
+        _center(dense, None, mask, False).masked_fill(mask[..., None], 0), centred
+    )
+    # a 40k-token graph and 2,000 single tokens: O(n) (the padded form held [g, n_max, p],
+    # 1.7 GB and 4.5 s here); each single token is its own centre
+    batch = torch.repeat_interleave(torch.arange(2001), torch.tensor([40_000] + [1] * 2000))
+    pos = torch.randn(len(batch), 3) + 100.0
+    out = _center(pos, batch, None, False)
+    assert out[40_000:].abs().max() == 0.0
+    assert out[:40_000].mean(0).abs().max() < 1e-3
+
+
+def test_integer_centring_commutes_with_integer_shifts():
+    # means k + 1/2: round-half-to-even moves 0.5 -> 0 but 1.5 -> 2, floor(m + 1/2) does not
+    pos = torch.tensor([[[0.0], [1.0]]])  # dense [1, 2, 1]
+    for s in range(-9, 10):
+        assert _center(pos + s, None, None, True).tolist() == [[[-1.0], [0.0]]]
+    batch = torch.tensor([0, 0, 1, 1, 1, 1])
+    pos = torch.tensor([[0.0], [1.0], [0.0], [3.0], [6.0], [1.0]])  # means 0.5 and 2.5
+    want = _center(pos, batch, None, True)
+    for s in range(-9, 10):
+        assert torch.equal(_center(pos + s, batch, None, True), want)
+
+
+INTEGER_RPES = [
+    ("lrpe-permutation", "logit", {}),
+    ("lrpe-permutation", "mask", {}),
+    ("spe-conv", "mask", {"grid_size": 64, "kernel_size": 8, "num_realizations": 16}),
+    ("toeplitz-fft", "mask", {"max_offset": 40}),
+]
+
+
+@pytest.mark.parametrize("rpe,mode,options", INTEGER_RPES)
+def test_integer_position_rpes_are_invariant_under_integer_shifts(rpe, mode, options):
+    attn = RPEAttention(
+        32, 2, rpe=rpe, pos_dim=1, mode=mode, num_features=16, rpe_options=options
+    ).double()
+    # row means 3.5, 8.17 and (valid tokens) 2.5: half-integers where rounding matters
+    pos = torch.tensor([[0, 1, 2, 5, 7, 6], [3, 4, 9, 10, 11, 12], [0, 3, 6, 1, 0, 0]])
+    pos = pos.to(D64)[..., None]
+    x = torch.randn(3, 6, 32, dtype=D64)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[2, 4:] = True
+    xp, pp = x[~mask], pos[~mask]
+    batch = torch.tensor([0] * 6 + [1] * 6 + [2] * 4)
+    out, packed = attn(x, pos, key_padding_mask=mask), attn(xp, pp, batch)
+    for s in range(1, 10):
+        for got, want in (
+            (attn(x, pos + s, key_padding_mask=mask), out),
+            (attn(xp, pp + s, batch), packed),
+        ):
+            assert (got - want).norm() <= 1e-5 * want.norm(), (s, rpe, mode)
+
+
+# ------------------------------------------------------------------- compile, export, empty
+
+
+def compile_inputs():
+    x, pos = torch.randn(2, 7, 32), torch.randn(2, 7, 3)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 5:] = True
+    return x, pos, mask
+
+
+def test_export_traces_the_layer_and_eager_checks_still_raise():
+    attn = RPEAttention(32, 2, rpe="flt-kernel", pos_dim=3, num_features=16).eval()
+    x, pos, mask = compile_inputs()
+    program = torch.export.export(attn, (x, pos), {"key_padding_mask": mask})
+    torch.testing.assert_close(
+        program.module()(x, pos, key_padding_mask=mask), attn(x, pos, key_padding_mask=mask)
+    )
+    perm = RPEAttention(32, 2, rpe="lrpe-permutation", pos_dim=1, num_features=16).eval()
+    steps = torch.randint(0, 9, (2, 7, 1)).float()
+    program = torch.export.export(perm, (x, steps), {"key_padding_mask": mask})
+    torch.testing.assert_close(
+        program.module()(x, steps, key_padding_mask=mask), perm(x, steps, key_padding_mask=mask)
+    )
+    # the value checks skipped while tracing still run in eager mode
+    with pytest.raises(ValueError, match="x contains 32 NaN"):
+        attn(x.index_put((torch.tensor([0]), torch.tensor([3])), torch.tensor(float("nan"))), pos)
+    with pytest.raises(ValueError, match="integer positions"):
+        perm(x, steps + 0.5)
+    with pytest.raises(ValueError, match="sorted"):
+        attn(x[0], pos[0], torch.tensor([0, 0, 1, 1, 0, 1, 1]))
+
+
+@pytest.mark.slow  # 10-35 s of inductor compilation on a 2-core CPU
+def test_compile_fullgraph_matches_eager():
+    attn = RPEAttention(32, 2, rpe="flt-kernel", pos_dim=3, num_features=16).eval()
+    x, pos, mask = compile_inputs()
+    compiled = torch.compile(attn, fullgraph=True)
+    torch.testing.assert_close(
+        compiled(x, pos, key_padding_mask=mask), attn(x, pos, key_padding_mask=mask)
+    )
+
+
+@pytest.mark.parametrize("kw", LAYERS + [dict(mode="logit", causal=True)])
+def test_empty_batches_give_empty_outputs(kw):
+    attn = layer(**kw)
+    exact = ExactRPEAttention(120, 2, **{"rpe": "flt-kernel", "pos_dim": 3, **kw}).double()
+    encoder = RPETransformerEncoder(
+        1, 120, 2, 2.0, 0.0, "linear", **{"rpe": "flt-kernel", "pos_dim": 3, **kw}
+    ).double()
+    for shape, extra in [
+        ((0, 5), {}),
+        ((0, 5), {"key_padding_mask": torch.zeros(0, 5, dtype=torch.bool)}),
+        ((3, 0), {}),
+        ((0,), {}),
+        ((0,), {"batch": torch.zeros(0, dtype=torch.long)}),
+    ]:
+        x, pos = torch.randn(*shape, 120, dtype=D64), torch.randn(*shape, 3, dtype=D64)
+        for module in (attn, exact, encoder):
+            out = module(x, pos, **extra)
+            assert out.shape == x.shape and out.dtype == D64
+        assert attn.reference(x, pos, **extra, kernel="exact", rpe="exact").shape == x.shape

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from geolinrpe.features import ELUFeatures
+from geolinrpe.features import ELUFeatures, build_feature_map
 from geolinrpe.ops import MaskMode, linear_attention
 from geolinrpe.ops.checks import check_batch, check_same_device_dtype
 
@@ -21,6 +21,26 @@ def test_batch_checks():
     assert check_batch(torch.tensor([0, 0, 1, 2, 2]), 5, torch.device("cpu")) == 3
     with pytest.raises(ValueError, match="empty"):
         check_batch(torch.zeros(0, dtype=torch.long), 0, torch.device("cpu"))
+    assert check_batch(torch.zeros(0, dtype=torch.long), 0, torch.device("cpu"), True) == 0
+    with pytest.raises(ValueError, match="integer"):  # types and shapes are checked when empty
+        check_batch(torch.zeros(0), 0, torch.device("cpu"), allow_empty=True)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("kernel", ["favor+", "relu"])
+def test_operator_returns_empty_outputs_for_empty_batches(causal, kernel):
+    feat = MaskMode(build_feature_map(kernel, 4, 8))
+    for lead, extra in [
+        ((0, 5), {}),
+        ((0, 5), {"key_padding_mask": torch.zeros(0, 5, dtype=torch.bool)}),
+        ((2, 0), {}),
+        ((0,), {"batch": torch.zeros(0, dtype=torch.long)}),
+    ]:
+        q, v = torch.randn(*lead, 3, 4), torch.randn(*lead, 3, 2)
+        out = linear_attention(q, q, v, featurizer=feat, causal=causal, **extra)
+        assert out.shape == v.shape and out.dtype == v.dtype
+    with pytest.raises(ValueError, match="k has leading shape"):
+        linear_attention(q, torch.randn(1, 3, 4), v, featurizer=feat, **extra)
 
 
 def test_operator_rejects_bad_arguments():
