@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import torch
 from torch_geometric.loader import DataLoader
@@ -58,7 +57,7 @@ def machine() -> str:
     cpu = cpu_name()
     return (
         f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), py-lmdb {lmdb.__version__}, "
+        f"({torch.get_num_threads()} threads), pure-Python LMDB reader (pread), "
         f"Python {platform.python_version()}"
     )
 
