@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ def _load(relative: str):
     path = ROOT / relative
     spec = importlib.util.spec_from_file_location(path.stem + "_under_test", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -133,3 +135,17 @@ def test_qm9_budget_benchmark(tmp_path, qm9_cache, capsys):
     moved.pos = batch.pos * 1.5
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(moved)["y"], loaded.model(batch)["y"])
+
+
+def test_security_benchmark_finds_no_unsafe_outcome(tmp_path):
+    """Every class of bad input, a few byte flips per file: no code runs, no process dies,
+    every refusal names the input; silent changes only from flips inside stored values."""
+    report = tmp_path / "security.json"
+    results = _load("benchmarks/security.py").main(["--flips", "6", "--json", str(report)])
+    ours = [r for r in results if "(before)" not in r.cls]
+    assert {r.outcome for r in ours} <= {"named error", "read correctly", "silently wrong"}
+    assert all(
+        "overflow value or free space" in r.label for r in ours if r.outcome == "silently wrong"
+    )
+    assert sum(r.outcome == "named error" for r in ours) >= 70
+    assert len(json.loads(report.read_text())) == len(results)

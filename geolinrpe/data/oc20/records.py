@@ -31,6 +31,7 @@ RECIPE = "datasets/oc20/README.md"
 #: bytes any record may allocate while it is decoded, beyond ``BUDGET_FACTOR`` x its size
 BUDGET_BASE = 24 << 20
 BUDGET_FACTOR = 4
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 def record_budget(nbytes: int) -> int:
@@ -89,12 +90,12 @@ def scalar(value: Any, file: Path, record: str, name: str) -> float:
 
 def energy(value: Any, file: Path, record: str, name: str) -> torch.Tensor:
     """A finite scalar as a float32 [1] tensor; values beyond float32's range are refused."""
-    out = torch.tensor([scalar(value, file, record, name)], dtype=torch.float32)
-    if not torch.isfinite(out).all():
+    number = scalar(value, file, record, name)
+    if abs(number) > FLOAT32_MAX:
         raise OC20FormatError(
             file, record, f"{name} is {describe(value)}, beyond float32's range (|x| > 3.4e38)"
         )
-    return out
+    return torch.tensor([number], dtype=torch.float32)
 
 
 def array(value: Any, dtype: torch.dtype, shape: tuple[int, ...], file, record, name):
