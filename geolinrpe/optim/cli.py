@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
@@ -116,4 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except ValueError as err:  # a bad option or checkpoint: a message, not a traceback
+        print(f"geolinrpe lopt: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -10,10 +10,12 @@
 The ``geolinrpe`` command (:mod:`geolinrpe.cli`) wraps these.
 """
 
+from .checkpoint import CheckpointError
 from .config import TASKS, Config, DataConfig, ModelConfig, OptimConfig, TrainConfig
 from .tasks import Task, build_task
 from .trainer import (
     LoadedRun,
+    NonFiniteError,
     build_model,
     evaluate,
     final_test_metrics,
@@ -26,10 +28,12 @@ from .trainer import (
 
 __all__ = [
     "TASKS",
+    "CheckpointError",
     "Config",
     "DataConfig",
     "LoadedRun",
     "ModelConfig",
+    "NonFiniteError",
     "OptimConfig",
     "Task",
     "TrainConfig",

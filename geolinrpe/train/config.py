@@ -19,8 +19,9 @@ model.rpe=null model.rpe_options.lengthscale=2``) are parsed as YAML values (int
 booleans, ``null``, ``[lists]``, ``{maps}``) and then checked against the field's type, so
 ``1e-3`` is a float for a float field and ``gap`` becomes ``[gap]`` for a list field.
 
-Settings that weaken safety (:data:`SAFETY_SETTINGS`, today ``data.options.safe``) apply
-only when the user's own config file or command line sets them (with an
+Settings a file must not choose (:data:`SAFETY_SETTINGS`: ``data.options.safe``, which
+weakens safety, and ``data.options.make_synthetic``, which writes files to ``data.path``)
+apply only when the user's own config file or command line sets them (the first with an
 :class:`UnsafeSettingWarning`); a config rebuilt from a checkpoint or run folder
 (:meth:`Config.from_saved`) has them reset to their safe value, with a warning.
 
@@ -40,13 +41,14 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 
 __all__ = [
     "MAXIMUM",
     "SAFETY_SETTINGS",
+    "SafetySetting",
     "TASKS",
     "Config",
     "DataConfig",
@@ -317,18 +319,33 @@ MAXIMUM: dict[str, int | float] = {
 """Upper bounds of size options (a typo such as ``model.num_features=1e8`` would otherwise
 allocate for minutes); keys under ``model.options``/``model.rpe_options`` apply when set."""
 
-SAFETY_SETTINGS: dict[str, tuple[Any, str]] = {
-    "data.options.safe": (
+
+class SafetySetting(NamedTuple):
+    """A setting a file must never choose: its safe value (``None``: absent), what another
+    value does, and whether the user's own choice of another value is warned about."""
+
+    safe: Any
+    risk: str
+    warn: bool = True
+
+
+SAFETY_SETTINGS: dict[str, SafetySetting] = {
+    "data.options.safe": SafetySetting(
         True,
         "OC20 LMDB records are unpickled with the allow-list (safe=true); false unpickles them "
         "with pickle, which runs any code a record names",
     ),
+    "data.options.make_synthetic": SafetySetting(
+        None,
+        "writes simulated OC20 files to data.path when that path does not exist",
+        warn=False,
+    ),
 }
-"""Settings that weaken safety: dotted key -> (safe value, what the unsafe value does).
+"""Settings a file must not choose: dotted key -> :class:`SafetySetting`.
 
 They are never taken from a checkpoint or a saved run folder (:meth:`Config.from_saved`
 resets them to the safe value with a warning); set on the user's own command line or config
-file they apply, with an :class:`UnsafeSettingWarning`."""
+file they apply, with an :class:`UnsafeSettingWarning` for those that weaken safety."""
 
 
 class UnsafeSettingWarning(UserWarning):
@@ -415,13 +432,14 @@ class Config:
         if not isinstance(values, dict):
             raise ValueError(f"{source}: the stored config is not a mapping")
         values = copy.deepcopy(values)
-        for key, (safe, _) in SAFETY_SETTINGS.items():
+        for key, (safe, _, _) in SAFETY_SETTINGS.items():
             stored = _get_path(values, key)
             if stored is _MISSING or stored == safe:
                 continue
-            _set_dotted(values, key, safe)
+            _reset(values, key, safe)
+            using = "no value" if safe is None else f"{key}={safe!r}"
             message = (
-                f"{source}: stored setting {key}={stored!r} ignored, using {key}={safe!r} "
+                f"{source}: stored setting {key}={stored!r} ignored, using {using} "
                 f"(settings that weaken safety are never taken from a checkpoint); to opt "
                 f"in, pass {key}={_yaml_word(stored)} on your own command line or set it in "
                 "your own config file"
@@ -436,7 +454,7 @@ class Config:
         """The settings of :data:`SAFETY_SETTINGS` that differ from their safe value."""
         values = self.to_dict()
         found = {}
-        for key, (safe, _) in SAFETY_SETTINGS.items():
+        for key, (safe, _, _) in SAFETY_SETTINGS.items():
             value = _get_path(values, key)
             if value is not _MISSING and value != safe:
                 found[key] = value
@@ -445,17 +463,19 @@ class Config:
     def safe_settings(self) -> Config:
         """A copy with every setting of :data:`SAFETY_SETTINGS` at its safe value."""
         values = self.to_dict()
-        for key, (safe, _) in SAFETY_SETTINGS.items():
+        for key, (safe, _, _) in SAFETY_SETTINGS.items():
             if _get_path(values, key) is not _MISSING:
-                _set_dotted(values, key, safe)
+                _reset(values, key, safe)
         return Config.from_dict(values)
 
     def warn_unsafe(self, where: str) -> None:
         """An :class:`UnsafeSettingWarning` per unsafe setting, saying ``where`` it was set."""
         for key, value in self.unsafe_settings().items():
+            if not SAFETY_SETTINGS[key].warn:
+                continue
             message = (
                 f"config key {key!r} is {_yaml_word(value)} ({where}): "
-                f"{SAFETY_SETTINGS[key][1]}; use it only with files you trust"
+                f"{SAFETY_SETTINGS[key].risk}; use it only with files you trust"
             )
             warnings.warn(message, UnsafeSettingWarning, stacklevel=3)
 
@@ -498,9 +518,9 @@ class Config:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 if not math.isfinite(value) or value > bound:
                     raise ValueError(f"config key {key!r} must be at most {bound:,}, got {value!r}")
-        for key, (safe, _) in SAFETY_SETTINGS.items():
+        for key, (safe, _, _) in SAFETY_SETTINGS.items():
             value = _get_path(values, key)
-            if value is not _MISSING and type(value) is not type(safe):
+            if safe is not None and value is not _MISSING and type(value) is not type(safe):
                 raise ValueError(f"config key {key!r} expects {type(safe).__name__}, got {value!r}")
         for key in sorted(_POSITIVE | _NON_NEGATIVE):
             value = self.get(key)
@@ -656,6 +676,18 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError as err:
         raise ValueError(f"override {text!r}: the value is not valid YAML ({err})") from err
     return key, value
+
+
+def _reset(values: dict[str, Any], key: str, safe: Any) -> None:
+    """Set ``key`` to its safe value; a safe value of ``None`` removes the key."""
+    if safe is not None:
+        _set_dotted(values, key, safe)
+        return
+    *sections, name = key.split(".")
+    node = values
+    for part in sections:
+        node = node[part]
+    del node[name]
 
 
 def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:

@@ -6,6 +6,7 @@ import io
 import math
 import re
 import struct
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -500,3 +501,23 @@ def test_a_nan_on_one_process_stops_every_process(qm9_root, tmp_path):
         message = (tmp_path / f"rank{rank}.txt").read_text()
         assert message.startswith("training stopped at step 3"), proc.stderr[-2000:]
     assert _finite_checkpoint(tmp_path / "run" / "last.pt")["step"] == 2
+
+
+def test_checkpoint_never_chooses_where_synthetic_data_is_written(tmp_path):
+    """A stored data.options.make_synthetic with a data.path that does not exist would make
+    `geolinrpe eval` write files where the checkpoint says: the setting is dropped instead."""
+    target = tmp_path / "chosen" / "by_the_file.lmdb"
+    values = Config.load(
+        None, ["data.task=oc20-is2re", f"data.path={target}", "data.options={make_synthetic: 4}"]
+    ).to_dict()
+    with pytest.warns(UnsafeSettingWarning, match=r"data\.options\.make_synthetic=4 ignored"):
+        cfg = Config.from_saved(values, "checkpoint 'x.pt'")
+    assert "make_synthetic" not in cfg.data.options
+    with pytest.raises(ValueError, match="does not exist"):
+        cfg.validate()
+    assert not target.parent.exists()
+    # the user's own config may ask for it, without a safety warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnsafeSettingWarning)
+        mine = Config.load(None, [f"data.path={target}", "data.options={make_synthetic: 4}"])
+    assert mine.data.options["make_synthetic"] == 4

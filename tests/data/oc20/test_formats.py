@@ -377,3 +377,17 @@ def test_aselmdb_from_ase_slab_builders_keeps_layer_tags(tmp_path):
     assert sorted(set(item.tags.tolist())) == [0, 1, 2, 3]
     assert item.tags.tolist() == slab.get_tags().tolist()
     assert item.y.tolist() == [-1.5]
+
+
+@pytest.mark.parametrize("field", ["pos", "sid", "y_relaxed", "tags", "natoms", "cell"])
+def test_deeply_nested_lists_are_named_not_recursion_errors(tmp_path, field):
+    """A list nested 200,000 deep (written op by op: pickle itself cannot) in any field."""
+    raw = pickle.dumps(record(**{field: "PLACEHOLDER"}), protocol=2)
+    placeholder = b"X\x0b\x00\x00\x00PLACEHOLDER"
+    assert placeholder in raw
+    depth = 200_000
+    raw = raw.replace(placeholder, b"]" * depth + b"a" * (depth - 1))
+    path = write_raw_lmdb(tmp_path / "deep.lmdb", {b"0": raw})
+    with pytest.raises(OC20FormatError, match=field) as info:
+        OC20(path)[0]
+    assert info.value.file == str(path) and info.value.record == "0"
