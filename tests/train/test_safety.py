@@ -15,7 +15,6 @@ import torch
 import yaml
 
 from geolinrpe.cli import main
-from geolinrpe.data.qm9 import QM9
 from geolinrpe.train import Config, load_checkpoint, run
 from geolinrpe.train.checkpoint import (
     CheckpointError,
@@ -37,13 +36,6 @@ class Hostile:
 
     def __reduce__(self):
         return (exec, (f"open({str(self.marker)!r}, 'w').write('x')",))
-
-
-@pytest.fixture(scope="module")
-def qm9_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("qm9")
-    QM9(str(root), max_molecules=160, log=False)
-    return root
 
 
 def tiny(qm9_root, out, *overrides):

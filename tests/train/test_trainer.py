@@ -9,19 +9,10 @@ import pytest
 import torch
 
 from geolinrpe.data import from_smiles
-from geolinrpe.data.qm9 import QM9
 from geolinrpe.train import Config, load_checkpoint, predict, run
 from geolinrpe.train.trainer import EpochSampler, LRSchedule
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
-
-
-@pytest.fixture(scope="module")
-def qm9_root(tmp_path_factory):
-    """A QM9 cache of the first 160 molecules (built once for this module)."""
-    root = tmp_path_factory.mktemp("qm9")
-    QM9(str(root), max_molecules=160, log=False)
-    return root
 
 
 def tiny(qm9_root, out, *overrides):

@@ -68,13 +68,10 @@ Modules: :mod:`.dataset` (:class:`OC20`), one per format (:mod:`.legacy_lmdb`,
 :mod:`.records` (checks shared by every format), :mod:`.synthetic` (writers of test data).
 """
 
-from .aselmdb import AseSource
 from .dataset import OC20
-from .extxyz import ExtxyzSource
-from .legacy_lmdb import LegacySource
 from .lmdb_file import LMDBFile
 from .records import OC20FormatError, record_budget
-from .safe_pickle import UnsafePickleError, unpickle
+from .safe_pickle import UnsafePickleError
 from .synthetic import (
     FORMATS,
     SyntheticSystem,
@@ -88,10 +85,7 @@ from .synthetic import (
 __all__ = [
     "FORMATS",
     "OC20",
-    "AseSource",
-    "ExtxyzSource",
     "LMDBFile",
-    "LegacySource",
     "OC20FormatError",
     "SyntheticSystem",
     "UnsafePickleError",
@@ -99,7 +93,6 @@ __all__ = [
     "make_synthetic",
     "record_budget",
     "synthetic_systems",
-    "unpickle",
     "write_aselmdb",
     "write_oc20",
 ]
