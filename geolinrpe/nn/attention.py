@@ -32,7 +32,7 @@ MODES = ("logit", "mask")
 class RPEAttention(nn.Module):
     r"""Multi-head linear attention with a relative positional encoding ``f(r_i - r_j)``.
 
-    Two ways to combine the RPE with the attention kernel (``shared/MATH.md``):
+    Two ways to combine the RPE with the attention kernel (``docs/math.md``):
 
     * ``mode="logit"`` (default): ``out_i = sum_j exp(q_i.k_j/sqrt(d) + f(r_i - r_j)) v_j / Z_i``,
       the biased softmax of Graphormer-style models, estimated by positive random features

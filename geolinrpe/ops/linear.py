@@ -20,7 +20,7 @@ output is one chunk's buffers (``CHUNK_BUDGET`` elements by default), and the
 Normalisation (``normalize``):
 
 * ``"masked"``: ``out_i = num_i / sum_j K_ij f_ij``: the masked-kernel target of
-  ``shared/MATH.md`` (and, in logit mode, the biased softmax). Safe whenever the weights
+  ``docs/math.md`` (and, in logit mode, the biased softmax). Safe whenever the weights
   are positive (logit mode; mask mode with a positive RPE estimate). With a signed RPE
   estimate the denominator can approach 0 and the output is unbounded.
 * ``"kernel"``: ``out_i = num_i / sum_j K_ij``: the mask modulates the values of an

@@ -1,4 +1,4 @@
-r"""The two ways of combining kernel features with RPE features (``shared/MATH.md``).
+r"""The two ways of combining kernel features with RPE features (``docs/math.md``).
 
 Axes: b batch, n tokens, h heads, d head dim, p position dim, r kernel features,
 m RPE features (``2 x`` frequencies).

@@ -101,7 +101,7 @@ class PeriodicRPE(FourierRPE):
     FourierLearner-Transformer RPE (Choromanski et al., `"Learning a Fourier Transform for
     Linear Relative Positional Encodings in Transformers" <https://arxiv.org/abs/2302.01925>`_,
     AISTATS 2024) whose frequencies lie on the reciprocal lattice of each graph's cell
-    (``shared/MATH.md``); see the module docstring for the derivation, slabs, truncation and
+    (``docs/math.md``); see the module docstring for the derivation, slabs, truncation and
     invariances:
 
     .. math::

@@ -37,7 +37,7 @@ current rotation ``R`` (identity unless ``rotation="random"``). The importance w
 bounded in mean square (``E[a_l] = (m / m_k) c_k``), and ``m^-1 sum_l a_l cos(2 pi xi_l . Delta)``
 is unbiased for ``f(|Delta|)``. Gradients reach ``c, mu, s`` through ``a`` and ``xi``.
 
-Rotation invariance (``shared/MATH.md``): ``f`` is radial, but a fixed draw of directions
+Rotation invariance (``docs/math.md``): ``f`` is radial, but a fixed draw of directions
 makes ``f_hat`` radial only in expectation. ``rotation=``
 
 * ``"fixed"``: one draw; a rotated input changes the output by the Monte-Carlo error
