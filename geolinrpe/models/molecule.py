@@ -21,6 +21,7 @@ from ..nn.block import (
 )
 from ..ops.packing import to_packed
 from .radius import radius_graph, radius_graph_pbc
+from .spherical_harmonics import spherical_harmonics
 
 __all__ = ["MoleculeTransformer", "SphericalHarmonicsEmbedding"]
 
@@ -44,7 +45,8 @@ class SphericalHarmonicsEmbedding(nn.Module):
     with ``R_k`` a learned linear mix of Gaussian radial basis functions times the cosine
     cutoff ``(1 + cos(pi d / cutoff)) / 2`` (smooth at the cutoff, so energies and forces
     are continuous), ``s_k(z)`` a learned per-element weight (a density of each species),
-    ``Y_lm`` real spherical harmonics (e3nn, component normalisation) and ``N =
+    ``Y_lm`` real spherical harmonics (component normalisation,
+    :mod:`geolinrpe.models.spherical_harmonics`) and ``N =
     max_num_neighbors`` (32 when ``None``). ``P`` is the power spectrum (ACE / SOAP's
     ``nu = 2`` descriptor restricted to one neighbour species channel per ``k``): invariant
     under rotations, translations and permutations of the neighbours.
@@ -106,8 +108,6 @@ class SphericalHarmonicsEmbedding(nn.Module):
         cell: Tensor | None = None,
         pbc: Tensor | None = None,
     ) -> Tensor:
-        from e3nn import o3  # imported on first use: about 2 s, only SH models need it
-
         if cell is None:
             edge_index = radius_graph(
                 pos, self.cutoff, batch, max_num_neighbors=self.max_num_neighbors
@@ -124,9 +124,7 @@ class SphericalHarmonicsEmbedding(nn.Module):
         envelope = 0.5 * (torch.cos(math.pi * dist / self.cutoff) + 1.0)
         basis = torch.exp(-(((dist[:, None] - self.centers) / self.width) ** 2))
         weight = self.radial(basis) * self.species(z[j]) * envelope[:, None]  # [e, k]
-        sh = o3.spherical_harmonics(
-            list(range(self.lmax + 1)), vec, normalize=True, normalization="component"
-        )  # [e, (lmax + 1)^2]
+        sh = spherical_harmonics(self.lmax, vec)  # [e, (lmax + 1)^2]
         messages = torch.einsum("ek,em->ekm", weight, sh) / math.sqrt(self.max_num_neighbors or 32)
         density = pos.new_zeros((pos.shape[0],) + messages.shape[1:]).index_add(0, i, messages)
         power = torch.stack(

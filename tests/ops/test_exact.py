@@ -100,7 +100,7 @@ def test_mask_mode_converges_to_exact_masked_attention(normalize, final):
     """Exact target: exp(q.k/sqrt(d)) * f(r_i - r_j) with the closed-form f. Errors fall as
     both the kernel features and the RPE frequencies grow. Measured (r, m) = (16, 4) /
     (256, 64) / (4096, 1024): masked 7.8 / 2.9 / 0.14, kernel 0.82 / 0.21 / 0.050: the
-    signed-denominator pitfall of shared/MATH.md, and why mask mode defaults to "kernel"."""
+    signed-denominator pitfall of docs/math.md, and why mask mode defaults to "kernel"."""
     n, h, d = 40, 2, 8
     q, k, v = (torch.randn(1, n, h, d, dtype=D64) * 0.5 for _ in range(3))
     pos = torch.randn(1, n, 3, dtype=D64)
