@@ -1,54 +1,70 @@
-"""Data: molecules (SMILES, ASE files), image patch grids, point clouds, and batching.
+"""Data: molecules (SMILES, ASE files), QM9, OC20, image patch grids, point clouds, batching.
 
 Every loader reads local files or data that a package ships (no downloads), reports what
 it could not read by input, and yields PyG ``Data`` objects that batch both packed
 (:func:`collate_packed`) and dense padded with a mask (:func:`collate_padded`).
+
+Names are imported on first use (``import geolinrpe.data`` itself loads nothing heavy), so
+each loader needs only its own extra: ``pip install "geolinrpe[data]"`` (PyG, ASE, OC20,
+point clouds, images) or ``"geolinrpe[qm9]"`` (QM9, SMILES).
 """
 
-from .batching import DenseDataLoader, PaddedCollater, collate_packed, collate_padded
-from .images import ImagePatches, image_to_patches, load_digits_patches, patches_to_image
-from .molecules import ConversionFailure, ConversionReport, from_ase, from_smiles
-from .oc20 import OC20, OC20FormatError, UnsafePickleError, make_synthetic
-from .point_clouds import (
-    SHAPES,
-    Center,
-    NormalizeScale,
-    RandomJitter,
-    RandomRotate,
-    SyntheticShapes,
-    random_rotation,
-    read_point_cloud,
-)
-from .qm9 import QM9, TARGETS, atom_refs, conventional_split, target_index
+from __future__ import annotations
 
-__all__ = [
-    "QM9",
-    "SHAPES",
-    "TARGETS",
-    "Center",
-    "ConversionFailure",
-    "ConversionReport",
-    "DenseDataLoader",
-    "ImagePatches",
-    "NormalizeScale",
-    "OC20",
-    "OC20FormatError",
-    "PaddedCollater",
-    "RandomJitter",
-    "RandomRotate",
-    "SyntheticShapes",
-    "UnsafePickleError",
-    "atom_refs",
-    "collate_packed",
-    "collate_padded",
-    "conventional_split",
-    "from_ase",
-    "from_smiles",
-    "image_to_patches",
-    "load_digits_patches",
-    "make_synthetic",
-    "patches_to_image",
-    "random_rotation",
-    "read_point_cloud",
-    "target_index",
-]
+import importlib
+from typing import Any
+
+_WHERE = {
+    "DenseDataLoader": "batching",
+    "PaddedCollater": "batching",
+    "collate_packed": "batching",
+    "collate_padded": "batching",
+    "ImagePatches": "images",
+    "image_to_patches": "images",
+    "load_digits_patches": "images",
+    "patches_to_image": "images",
+    "ConversionFailure": "molecules",
+    "ConversionReport": "molecules",
+    "from_ase": "molecules",
+    "from_smiles": "molecules",
+    "OC20": "oc20",
+    "OC20FormatError": "oc20",
+    "UnsafePickleError": "oc20",
+    "make_synthetic": "oc20",
+    "SHAPES": "point_clouds",
+    "Center": "point_clouds",
+    "NormalizeScale": "point_clouds",
+    "RandomJitter": "point_clouds",
+    "RandomRotate": "point_clouds",
+    "SyntheticShapes": "point_clouds",
+    "random_rotation": "point_clouds",
+    "read_point_cloud": "point_clouds",
+    "QM9": "qm9",
+    "TARGETS": "qm9",
+    "atom_refs": "qm9",
+    "conventional_split": "qm9",
+    "target_index": "qm9",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module = _WHERE[name]
+    try:
+        value = getattr(importlib.import_module(f".{module}", __name__), name)
+    except ModuleNotFoundError as err:  # an extra that is not installed
+        extra = "qm9" if module in ("qm9", "molecules") else "data"
+        raise ModuleNotFoundError(
+            f"geolinrpe.data.{name} needs {err.name!r}: pip install 'geolinrpe[{extra}]' "
+            "(or 'geolinrpe[all]')",
+            name=err.name,
+        ) from err
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_WHERE))
