@@ -7,6 +7,7 @@ r"""The ``geolinrpe`` command: train, evaluate, predict and plot.
     geolinrpe predict CHECKPOINT (--smiles S [S ...] | --structures FILE [FILE ...]
                                   | --split test) [--out preds.csv]
     geolinrpe plot RUN_DIR
+    geolinrpe config [SECTION ...]
 
 ``train`` reads a YAML config (``examples/configs/``), applies the overrides and calls
 :func:`geolinrpe.train.run`; under ``torchrun --nproc_per_node P -m geolinrpe.cli train ...``
@@ -15,7 +16,13 @@ its config names (overrides such as ``data.path=...`` point it elsewhere). ``pre
 one CSV row per input: molecules from SMILES (RDKit ETKDGv3 + MMFF), structures from any file
 ASE reads, or the items of a split; inputs that fail get an ``error`` and no prediction.
 ``plot`` re-draws ``learning_curve.png`` from a run's ``metrics.csv`` (and the RPE profiles
-from ``best.pt`` or ``last.pt``).
+from ``best.pt`` or ``last.pt``). ``config`` lists every config key with its type, default
+and description.
+
+``train`` ends with a summary of :func:`geolinrpe.train.run`'s results, each value with its
+unit as the epoch lines print it (QM9 energies in meV, e.g. ``test_mae  92.1 meV``);
+``results.json`` in the run folder and ``eval --json`` keep the values in the metric's own
+unit (eV) and add ``units``: key -> unit.
 
 Also runs as ``python -m geolinrpe.cli``.
 """
@@ -48,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         description="Train from a YAML config (see examples/configs/). Overrides are "
         "key.subkey=value pairs parsed as YAML, e.g. optim.lr=1e-3 data.targets=[gap,homo] "
         "model.rpe=null train.resume=auto.",
+        epilog="To list every config key with its type, default and description, run "
+        "'geolinrpe config' (or 'geolinrpe config model' for one section).",
     )
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="key.subkey=value overrides")
@@ -62,14 +71,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=("train", "valid", "test"))
     ev.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     ev.add_argument("--batch-size", type=int, default=None)
-    ev.add_argument("--json", default=None, help="also write the metrics to this JSON file")
+    ev.add_argument(
+        "--json",
+        default=None,
+        help="also write the metrics to this JSON file (values in the metric's own unit, "
+        "e.g. eV, and 'units': metric -> unit)",
+    )
     ev.add_argument("overrides", nargs="*", help="data.* overrides, key.subkey=value")
 
     pr = commands.add_parser(
         "predict",
         help="predictions of a checkpoint for new inputs or a split, as CSV",
         description="Predict with a checkpoint. One CSV row per input, in input order; an "
-        "input that cannot be converted or predicted has an error and no prediction.",
+        "input that cannot be converted or predicted has an error and no prediction. Exits "
+        "with status 1 when every input failed (the CSV is still written).",
     )
     pr.add_argument("checkpoint", help="a last.pt or best.pt of a training run")
     source = pr.add_mutually_exclusive_group(required=True)
@@ -92,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("run_dir", help="a training run's out_dir")
 
+    co = commands.add_parser(
+        "config",
+        help="list every config key with its type, default and description",
+        description="List the config keys of geolinrpe train (YAML sections and "
+        "key.subkey=value overrides): per key its type, default and description.",
+    )
+    co.add_argument(
+        "sections", nargs="*", metavar="SECTION", help="data, model, optim or train (default: all)"
+    )
+
     lopt = commands.add_parser(
         "lopt",
         help="learned-optimizer experiments (meta-train | evaluate)",
@@ -106,18 +131,22 @@ def _parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------- commands
 def _train(args: argparse.Namespace) -> int:
     from .train import Config, run
+    from .train.tasks import build_task
 
     cfg = Config.load(args.config, args.overrides)
     results = run(cfg)
     if os.environ.get("RANK", "0") == "0":  # torchrun: process 0 reports
-        _print_results(results)
+        _print_results(results, build_task(cfg))
     return 0
 
 
-def _print_results(results: dict[str, float]) -> None:
+def _print_results(results: dict[str, float], task) -> None:
+    """One line per result: key, value and unit, in the unit the epoch lines use (QM9
+    energies in meV)."""
     width = max((len(k) for k in results), default=0)
     for key, value in results.items():
-        print(f"{key:<{width}}  {value:.6g}")
+        value, unit = task.display_result(key, value)
+        print(f"{key:<{width}}  {value:.6g}" + (f" {unit}" if unit else ""))
 
 
 def _load(args: argparse.Namespace):
@@ -140,7 +169,8 @@ def _eval(args: argparse.Namespace) -> int:
     metrics = evaluate(loaded, args.split, args.batch_size)
     print(f"{args.split}: {loaded.task.format_metrics(metrics)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2) + "\n")
+        stored = {**metrics, "units": loaded.task.result_units(metrics)}
+        Path(args.json).write_text(json.dumps(stored, indent=2) + "\n")
     return 0
 
 
@@ -190,6 +220,9 @@ def _predict(args: argparse.Namespace) -> int:
     for entry in entries:
         if entry.get("error"):
             print(f"  {entry['input']}: {entry['error']}", file=sys.stderr)
+    if entries and failed == len(entries):
+        print(f"geolinrpe predict: error: all {failed} inputs failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -262,7 +295,24 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "eval": _eval, "predict": _predict, "plot": _plot}
+def _config(args: argparse.Namespace) -> int:
+    from .train.config import format_config_keys
+
+    try:
+        print(format_config_keys(args.sections))
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `geolinrpe config | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "eval": _eval,
+    "predict": _predict,
+    "plot": _plot,
+    "config": _config,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -271,7 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     A configuration or input problem (:class:`ValueError`, including a missing, corrupted or
     incomplete checkpoint) prints ``error: ...`` and exits with status 2 instead of a
     traceback; training that met a non-finite loss, gradient or validation metric
-    (:class:`~geolinrpe.train.trainer.NonFiniteError`) exits with status 3.
+    (:class:`~geolinrpe.train.trainer.NonFiniteError`) exits with status 3; ``predict``
+    exits with status 1 when every input failed (it still writes the CSV).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lopt"]:  # its own parser: meta-train | evaluate

@@ -25,6 +25,15 @@ from .meta import (
 )
 from .tasks import FAMILIES, split_tasks
 
+DESCRIPTION = (
+    "Learned optimizers with RPE attention. 'meta-train' meta-trains an update network on "
+    "families of small training tasks; 'evaluate' compares meta-trained checkpoints with "
+    "Adam and SGD with momentum (learning rates tuned on validation tasks) on held-out test "
+    "tasks, and plots loss against step. See 'geolinrpe lopt meta-train --help' and "
+    "'geolinrpe lopt evaluate --help' for their options."
+)
+"""The ``geolinrpe lopt --help`` description."""
+
 
 def _add_meta_args(parser: argparse.ArgumentParser) -> None:
     defaults = MetaConfig()
@@ -94,7 +103,7 @@ def run_evaluate(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``geolinrpe lopt``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="geolinrpe lopt", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="geolinrpe lopt", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("meta-train", help="meta-train an UpdateNetwork")
     train.add_argument("--out", type=Path, default=Path("runs/lopt"))

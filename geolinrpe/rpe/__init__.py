@@ -25,6 +25,9 @@ name                   family                                                   
 
 from __future__ import annotations
 
+import difflib
+import inspect
+
 from .base import RPE, FourierRPE
 from .kernel import ShiftInvariantKernelRPE
 from .local import LocalRPE
@@ -61,10 +64,38 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
-def build(name: str, *, pos_dim: int, num_heads: int, **options) -> RPE:
-    """Build the RPE registered as ``name``; ValueError names an unknown name or option."""
+def option_names(name: str) -> list[str]:
+    """Keyword options of the RPE registered as ``name`` besides ``pos_dim`` and
+    ``num_heads`` (the parameters of its constructor), sorted."""
     if name not in REGISTRY:
         raise ValueError(f"unknown rpe {name!r}; choose one of {names()}")
+    params = inspect.signature(REGISTRY[name].__init__).parameters
+    return sorted(k for k in params if k not in ("self", "pos_dim", "num_heads"))
+
+
+def unknown_option(name: str, key: str) -> str | None:
+    """Why ``key`` is not an option of the RPE ``name`` (the RPE, its options and the
+    closest one, e.g. ``did you mean 'num_frequencies'?``), or ``None`` when it is one."""
+    valid = option_names(name)
+    if key in valid:
+        return None
+    close = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return (
+        f"{REGISTRY[name].__name__} (rpe {name!r}) has no option {key!r}{hint} "
+        f"(its options: {', '.join(valid) or 'none'})"
+    )
+
+
+def build(name: str, *, pos_dim: int, num_heads: int, **options) -> RPE:
+    """Build the RPE registered as ``name``; ValueError names an unknown name or option
+    (with the RPE's options and the closest match)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown rpe {name!r}; choose one of {names()}")
+    for key in options:
+        problem = unknown_option(name, key)
+        if problem is not None:
+            raise ValueError(f"bad option for rpe {name!r}: {problem}")
     try:
         return REGISTRY[name](pos_dim=pos_dim, num_heads=num_heads, **options)
     except TypeError as err:  # unknown or missing keyword
@@ -91,5 +122,7 @@ __all__ = [
     "UnitaryLRPE",
     "build",
     "names",
+    "option_names",
     "plot",
+    "unknown_option",
 ]

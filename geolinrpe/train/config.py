@@ -34,7 +34,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import inspect
 import math
+import re
+import textwrap
 import types
 import typing
 import warnings
@@ -51,11 +54,14 @@ __all__ = [
     "SafetySetting",
     "TASKS",
     "Config",
+    "ConfigKey",
     "DataConfig",
     "ModelConfig",
     "OptimConfig",
     "TrainConfig",
     "UnsafeSettingWarning",
+    "config_keys",
+    "format_config_keys",
     "parse_override",
 ]
 
@@ -231,7 +237,13 @@ class TrainConfig:
         progress: show tqdm progress bars.
         tensorboard: also log to TensorBoard when the ``tensorboard`` package is installed.
         plot: draw ``learning_curve.png`` and the learned RPE profiles at the end.
-        num_threads: ``torch.set_num_threads`` per process (``None``: torch's default).
+        num_threads: CPU threads of each process (``torch.set_num_threads``). ``None``
+            (the default; shipped configs leave it unset) follows torch and
+            ``OMP_NUM_THREADS``: the trainer sets nothing, except under ``torchrun`` with
+            more than one process on the node and no ``OMP_NUM_THREADS``, where each process
+            takes ``max(1, cores // LOCAL_WORLD_SIZE)`` threads (cores: those this process
+            may run on), so processes do not oversubscribe the cores. On a machine whose
+            cores are shared with other jobs, 1 is often fastest.
         find_unused_parameters: passed to DistributedDataParallel (for models whose
             forward does not use every parameter).
     """
@@ -557,13 +569,17 @@ class Config:
         if self.data.task in ("oc20-is2re", "oc20-s2ef", "sequence") and not self.data.path:
             raise ValueError(f"config key 'data.path' is required for task {self.data.task!r}")
         if self.model.rpe is not None:
-            from ..rpe import names
+            from ..rpe import names, unknown_option
 
             if self.model.rpe not in names():
                 raise ValueError(
                     f"config key 'model.rpe': unknown RPE {self.model.rpe!r}; "
                     f"choose one of {names()} or null"
                 )
+            for key in self.model.rpe_options:
+                problem = unknown_option(self.model.rpe, key)
+                if problem is not None:
+                    raise ValueError(f"config key 'model.rpe_options.{key}': {problem}")
         self.model_kwargs()
 
     def validate(self) -> None:
@@ -640,9 +656,11 @@ class Config:
                 )
         for key, value in m.options.items():
             if key not in accepted:
+                close = difflib.get_close_matches(str(key), sorted(accepted), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise ValueError(
                     f"config key 'model.options.{key}': model {m.name!r} has no option "
-                    f"{key!r} (it takes {takes})"
+                    f"{key!r}{hint} (it takes {takes})"
                 )
             kwargs[key] = value
         return kwargs
@@ -653,6 +671,105 @@ class Config:
         for part in key.split("."):
             node = node[part] if isinstance(node, dict) else getattr(node, part)
         return node
+
+
+# ------------------------------------------------------------------------- key listing
+class ConfigKey(NamedTuple):
+    """One config key as :func:`config_keys` lists it."""
+
+    key: str
+    """The dotted key, e.g. ``optim.lr``."""
+    type: str
+    """Its type as the error messages write it, e.g. ``float | null``."""
+    default: Any
+    """Its default value."""
+    description: str
+    """The field's description from its section's docstring (markup removed)."""
+
+
+def _plain(text: str) -> str:
+    """Docstring text without reST markup: ``:class:`~a.B``` -> ``B``, ````x```` -> ``x``."""
+
+    def role(match: re.Match) -> str:
+        target = match.group(1)
+        return target.rsplit(".", 1)[-1] if target.startswith("~") else target
+
+    text = re.sub(r":[\w.]+:`([^`]*)`", role, text)
+    return text.replace("``", "")
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Field name -> description, from the ``Attributes:`` section of ``cls``'s docstring."""
+    doc = inspect.cleandoc(cls.__doc__ or "")
+    _, found, section = doc.partition("Attributes:")
+    docs: dict[str, list[str]] = {}
+    if not found:
+        return {}
+    current: list[str] | None = None
+    for line in section.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent == 0:
+            break  # the next section
+        match = re.match(r"(\w+): (.*)", line.strip())
+        if indent <= 4 and match:
+            current = docs.setdefault(match.group(1), [match.group(2)])
+        elif current is not None:
+            current.append(line.strip())
+    return {name: _plain(" ".join(parts)) for name, parts in docs.items()}
+
+
+def config_keys() -> list[ConfigKey]:
+    """Every config key, section by section in file order, with its type, default and
+    description (from the section dataclasses and their docstrings)."""
+    defaults = Config()
+    keys = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        docs = _attribute_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            keys.append(
+                ConfigKey(
+                    f"{section.name}.{f.name}",
+                    _type_name(hints[f.name]),
+                    getattr(getattr(defaults, section.name), f.name),
+                    docs.get(f.name, ""),
+                )
+            )
+    return keys
+
+
+def format_config_keys(sections: Sequence[str] = (), width: int = 100) -> str:
+    """The text ``geolinrpe config`` prints: per key a line ``key: type = default`` (the
+    default as one writes it in an override) and its description, indented and wrapped.
+
+    Args:
+        sections: only these sections (``data``, ``model``, ``optim``, ``train``); all when
+            empty.
+        width: wrap descriptions at this many characters.
+
+    Raises:
+        ValueError: an unknown section (named, with the known ones).
+    """
+    names = [f.name for f in dataclasses.fields(Config)]
+    for section in sections:
+        if section not in names:
+            raise ValueError(f"unknown config section {section!r}; choose from {names}")
+    lines = []
+    for item in config_keys():
+        if sections and item.key.split(".")[0] not in sections:
+            continue
+        lines.append(f"{item.key}: {item.type} = {_yaml_word(item.default)}")
+        lines += textwrap.wrap(
+            item.description,
+            width,
+            initial_indent="    ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,
+        )
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ helpers

@@ -99,6 +99,14 @@ def _first(indices: Tensor, size: int | None, key: str) -> Tensor:
     return indices[:size]
 
 
+def _result_metric(key: str) -> str:
+    """The metric of a result key: ``best_valid_mae``, ``valid_mae``, ``test_mae`` -> ``mae``."""
+    for prefix in ("best_valid_", "valid_", "test_"):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key
+
+
 class Task:
     """Base class: one dataset family, its loss, metrics and prediction rows.
 
@@ -180,6 +188,31 @@ class Task:
         """The unit of a metric (``""`` for dimensionless ones)."""
         return ""
 
+    def display(self, metric: str, value: float) -> tuple[float, str]:
+        """``value`` of ``metric`` (in :meth:`metric_unit`) in the unit it is printed in, and
+        that unit: QM9 energies in eV print in meV (``0.0921`` -> ``(92.1, "meV")``), the
+        rest in their own unit (``""``: dimensionless)."""
+        unit = self.metric_unit(metric)
+        if unit == "eV" and self.name == "qm9":
+            return value * 1000, "meV"
+        return value, unit
+
+    def result_units(self, results: dict[str, Any]) -> dict[str, str]:
+        """The unit of every key of a results or metrics mapping (:func:`~geolinrpe.train.run`,
+        ``results.json``, ``geolinrpe eval --json``), as stored there (eV, not meV):
+        ``valid_mae``/``test_mae``/``best_valid_mae`` take the unit of ``mae``,
+        ``elapsed_s`` is ``s``, and counts and dimensionless metrics are ``""``."""
+        return {
+            key: "s" if key == "elapsed_s" else self.metric_unit(_result_metric(key))
+            for key in results
+        }
+
+    def display_result(self, key: str, value: float) -> tuple[float, str]:
+        """As :meth:`display` for a key of :meth:`result_units` (``test_mae``, ...)."""
+        if key == "elapsed_s":
+            return value, "s"
+        return self.display(_result_metric(key), value)
+
     def format_metrics(self, metrics: dict[str, float], prefix: str = "") -> str:
         """One line: ``loss 0.1234 | MAE gap 123.4 meV``; energies in eV print in meV."""
         parts = []
@@ -187,9 +220,9 @@ class Task:
             key = prefix + name
             if key not in metrics:
                 continue
-            value, unit = metrics[key], self.metric_unit(name)
-            if unit == "eV" and self.name == "qm9":
-                parts.append(f"{name} {value * 1000:.1f} meV")
+            value, unit = self.display(name, metrics[key])
+            if unit == "meV":
+                parts.append(f"{name} {value:.1f} meV")
             elif unit:
                 parts.append(f"{name} {value:.4f} {unit}")
             else:

@@ -9,12 +9,14 @@ What a run does, in order:
    (:func:`geolinrpe.models.build_model`);
 3. trains with the configured optimizer, warm-up + cosine / plateau / constant schedule,
    gradient clipping, bf16/fp16 autocast, and evaluates on the validation split every
-   ``train.eval_every`` steps (or epoch), with tqdm progress bars;
+   ``train.eval_every`` steps (or epoch), with tqdm progress bars when stderr is a terminal
+   (``train.progress``; piped or redirected output gets one line per epoch instead);
 4. writes into ``train.out_dir`` (process 0 only): ``config.yaml``, ``metrics.csv`` (one row
    per logged step or evaluation), TensorBoard events when ``tensorboard`` is installed,
    ``last.pt`` at every evaluation and when it stops, ``best.pt`` when the monitored metric
-   improves, ``results.json`` and, at the end, ``learning_curve.png`` and the learned RPE
-   profiles ``rpe/*.png``;
+   improves, ``results.json`` (:func:`run`'s results plus ``units``: key -> unit of the
+   stored value, e.g. ``"test_mae": "eV"``) and, at the end, ``learning_curve.png`` and the
+   learned RPE profiles ``rpe/*.png``;
 5. returns the final metrics: validation metrics of the last model, ``test_*`` metrics of
    the best one.
 
@@ -54,7 +56,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,7 @@ __all__ = [
     "LoadedRun",
     "NonFiniteError",
     "build_model",
+    "choose_num_threads",
     "evaluate",
     "load_checkpoint",
     "plot_learning_curve",
@@ -158,6 +161,47 @@ def _init_distributed(preference: str) -> DistEnv:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         here = True
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, here)
+
+
+def _available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def choose_num_threads(
+    setting: int | None,
+    environ: Mapping[str, str] | None = None,
+    cores: int | None = None,
+) -> int | None:
+    """The ``torch.set_num_threads`` of a training process, or ``None`` to leave torch's
+    own choice (which follows ``OMP_NUM_THREADS``).
+
+    ``train.num_threads`` (``setting``) wins when given. Otherwise ``None``, except under
+    ``torchrun`` with several processes on this node (``LOCAL_WORLD_SIZE`` > 1) and no
+    ``OMP_NUM_THREADS``: then ``max(1, cores // LOCAL_WORLD_SIZE)``, so that the processes
+    share the cores instead of each taking all of them.
+
+    Args:
+        setting: ``train.num_threads``.
+        environ: the environment (``os.environ``).
+        cores: cores available to this process (default: its CPU affinity, else the count).
+    """
+    if setting is not None:
+        return setting
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS", "").strip():
+        return None
+    local = environ.get("LOCAL_WORLD_SIZE") or environ.get("WORLD_SIZE") or "1"
+    try:
+        local_world = int(local)
+    except ValueError:
+        return None
+    if local_world <= 1:
+        return None
+    cores = _available_cores() if cores is None else cores
+    return max(1, cores // local_world)
 
 
 def _all_reduce(tensor: Tensor, env: DistEnv, op: str = "sum") -> Tensor:
@@ -431,7 +475,7 @@ def _evaluate(
     sampler = EpochSampler(len(dataset), False, 0, env.rank, env.world_size, pad=False)
     loader = DataLoader(dataset, batch_size, sampler=sampler, collate_fn=task.collate)
     sums: dict[str, Tensor] = {}
-    bar = tqdm(loader, desc=desc, leave=False, disable=not (progress and env.is_main))
+    bar = tqdm(loader, desc=desc, leave=False, disable=not _bars(progress, env))
     for batch in bar:
         batch = _move(batch, env.device)
         grad = torch.enable_grad() if task.needs_grad else torch.no_grad()
@@ -511,6 +555,19 @@ def _csv_value(value: Any) -> Any:
     return f"{value:.8g}" if isinstance(value, float) else value
 
 
+def _bars(progress: bool, env: DistEnv) -> bool:
+    """Whether to draw tqdm bars: ``train.progress`` on process 0, and only when stderr (where
+    tqdm draws) is a terminal; redraws would fill a piped log or file with ``\\r`` lines."""
+    import sys
+
+    stream = sys.stderr
+    try:
+        tty = stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        tty = False
+    return bool(progress and env.is_main and tty)
+
+
 def _say(message: str, env: DistEnv | None = None) -> None:
     """Print a line without breaking progress bars (process 0 only when ``env`` is given)."""
     from tqdm.auto import tqdm
@@ -570,19 +627,32 @@ def plot_learning_curve(csv_path: str | Path, png_path: str | Path, task: Task |
 def plot_rpe_profiles(model: nn.Module, folder: str | Path) -> list[Path]:
     """Save ``f`` of every RPE with a closed form ``f(Delta)`` (a
     :class:`~geolinrpe.rpe.FourierRPE` that :func:`geolinrpe.rpe.plot` can draw) in the
-    model as ``folder/<module name>.png``; returns the paths. RPEs without one (e.g.
-    ``flt-periodic``, whose ``f`` needs the cell) are skipped with a note."""
-    from ..rpe import FourierRPE
+    model as ``folder/<module name>.png``; returns the paths.
+
+    Lattice-periodic RPEs (``flt-periodic``), whose ``f`` depends on each structure's cell,
+    have no single profile: they are skipped with one line for the whole model. Another RPE
+    that cannot be drawn gets one line each."""
+    from ..rpe import FourierRPE, PeriodicRPE
     from ..rpe import plot as plot_rpe
 
     paths = []
+    periodic = 0
     for name, module in _unwrap(model).named_modules():
+        if isinstance(module, PeriodicRPE):
+            periodic += 1
+            continue
         if not isinstance(module, FourierRPE):
             continue
         try:
             paths.append(plot_rpe(module, Path(folder) / f"{name or 'rpe'}.png"))
         except (ValueError, RuntimeError, NotImplementedError) as err:
             _say(f"no RPE profile for {name} ({type(module).__name__}): {err}")
+    if periodic:
+        layers = f"{periodic} layer" + ("s" if periodic > 1 else "")
+        _say(
+            f"RPE profiles: none drawn for the periodic RPE ({layers}); its f(Delta) depends "
+            "on each structure's cell"
+        )
     return paths
 
 
@@ -593,8 +663,9 @@ class _Trainer:
     def __init__(self, cfg: Config, env: DistEnv) -> None:
         self.cfg, self.env = cfg, env
         t = cfg.train
-        if t.num_threads is not None:
-            torch.set_num_threads(t.num_threads)
+        threads = choose_num_threads(t.num_threads)
+        if threads is not None:
+            torch.set_num_threads(threads)
         self.out = Path(t.out_dir)
         if env.is_main:
             _check_out_dir(self.out)
@@ -950,6 +1021,8 @@ class _Trainer:
                 f"{self.env.device} x{self.env.world_size}; {self.total_steps} steps "
                 f"({self.steps_per_epoch} per epoch, batch {self.cfg.data.batch_size})"
             )
+        bars = _bars(t.progress, self.env)
+        epoch_loss = torch.zeros(2, dtype=torch.float64)  # this epoch's loss sum, steps
         try:
             while stop is None:
                 self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.local_batch)
@@ -965,7 +1038,7 @@ class _Trainer:
                     total=self.steps_per_epoch,
                     initial=self.batch_in_epoch,
                     desc=f"epoch {self.epoch}",
-                    disable=not (t.progress and self.env.is_main),
+                    disable=not bars,
                     dynamic_ncols=True,
                 )
                 for batch in loader:
@@ -980,8 +1053,18 @@ class _Trainer:
                     self.window += torch.tensor([float(loss), 1.0], dtype=torch.float64)
                     bar.update(1)
                     bar.set_postfix(loss=f"{float(loss):.4g}", lr=f"{lr:.2e}")
+                    epoch_loss += torch.tensor([float(loss), 1.0], dtype=torch.float64)
                     end_of_epoch = self.batch_in_epoch == self.steps_per_epoch
                     if end_of_epoch:
+                        if t.progress and not bars:  # no bar (not a terminal): one line
+                            mean = float(epoch_loss[0] / epoch_loss[1])
+                            whose = " (process 0)" if self.env.distributed else ""
+                            _say(
+                                f"epoch {self.epoch}: step {self.step}, train loss {mean:.4g}"
+                                f"{whose}, lr {lr:.2e}, {self.elapsed:.1f} s",
+                                self.env,
+                            )
+                        epoch_loss.zero_()
                         self.epoch += 1
                         self.batch_in_epoch = 0
                     if self.step % t.log_every == 0 or end_of_epoch:
@@ -1037,7 +1120,8 @@ class _Trainer:
             test = self._test()
             results.update({f"test_{k}": v for k, v in test.items()})
         if self.env.is_main:
-            (self.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            stored = {**results, "units": self.task.result_units(results)}
+            (self.out / "results.json").write_text(json.dumps(stored, indent=2) + "\n")
             if self.log is not None:
                 self.log.close()
             if t.plot:
@@ -1119,6 +1203,10 @@ def run(cfg: Config) -> dict[str, float]:
         early, 0.0 after ``stop_after_steps`` or the time limit), ``elapsed_s``; when
         completed also ``valid_<metric>`` (last model), ``best_valid_<monitor>``,
         ``best_step`` and ``test_<metric>`` (best model, when there is a test split).
+        Values are in the metric's own unit (:meth:`Task.metric_unit
+        <geolinrpe.train.tasks.Task.metric_unit>`: QM9 energies in eV, although printed in
+        meV); ``results.json`` holds the same mapping plus ``units`` (key -> unit, ``""``
+        for counts and dimensionless values).
 
     Raises:
         ValueError: a config or data problem, naming the config key, before training starts

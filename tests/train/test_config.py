@@ -149,3 +149,62 @@ def test_all_example_configs_exist():
         "digits_patches.yaml",
         "sequence_lm.yaml",
     } <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_example_configs_do_not_pin_threads(path):
+    """Shipped configs leave ``train.num_threads`` to torch/OMP_NUM_THREADS (issue 14)."""
+    raw = yaml.safe_load(path.read_text())
+    assert "num_threads" not in raw.get("train", {})
+    assert Config.load(path).train.num_threads is None
+
+
+def test_unknown_rpe_option_names_key_rpe_and_suggestion():
+    with pytest.raises(ValueError) as info:
+        Config.load(None, ["model.rpe=flt-kernel", "model.rpe_options={num_frequency: 8}"])
+    message = str(info.value)
+    assert message.startswith("config key 'model.rpe_options.num_frequency'")
+    assert "did you mean 'num_frequencies'?" in message
+    assert "ShiftInvariantKernelRPE" in message and "'flt-kernel'" in message
+    for valid in ("amplitude", "kernel", "lengthscale", "num_frequencies", "orthogonal"):
+        assert valid in message
+    # the RPE decides: max_index is an option of flt-periodic only
+    Config.load(None, ["model.rpe=flt-periodic", "model.rpe_options={max_index: 1}"])
+    with pytest.raises(ValueError, match=r"model\.rpe_options\.max_index.*flt-radial"):
+        Config.load(None, ["model.rpe=flt-radial", "model.rpe_options={max_index: 1}"])
+    with pytest.raises(ValueError, match=r"model\.options\.cutof'.*did you mean 'cutoff'\?"):
+        Config.load(None, ["model.options={cutof: 4.0}"])
+
+
+def test_config_keys_cover_every_field_with_type_default_and_description():
+    import dataclasses
+
+    from geolinrpe.train.config import config_keys, format_config_keys
+
+    listed = {k.key: k for k in config_keys()}
+    expected = {}
+    for section in dataclasses.fields(Config):
+        instance = section.default_factory()
+        for f in dataclasses.fields(instance):
+            expected[f"{section.name}.{f.name}"] = getattr(instance, f.name)
+    assert list(listed) == list(expected)  # every field, in file order
+    text = format_config_keys()
+    lines = text.splitlines()
+    for key, default in expected.items():
+        assert listed[key].default == default
+        assert len(listed[key].description) > 10, key  # parsed from the docstring
+        word = yaml.safe_dump(default, default_flow_style=True).removesuffix("...\n").strip()
+        header = f"{key}: {listed[key].type} = {word}"
+        assert header in lines, header
+        assert lines[lines.index(header) + 1].startswith("    ")  # the description follows
+    assert "optim.lr: float = 0.0005" in lines
+    assert "train.num_threads: int | null = null" in lines
+    assert "data.targets: list[str] = [gap]" in lines
+    assert "``" not in text and ":class:" not in text
+    assert max(len(line) for line in lines if line.startswith("    ")) <= 100
+    only = format_config_keys(["optim"]).splitlines()
+    assert only[0].startswith("optim.optimizer:") and not any(
+        line.startswith(("data.", "model.", "train.")) for line in only
+    )
+    with pytest.raises(ValueError, match="unknown config section 'nope'"):
+        format_config_keys(["nope"])

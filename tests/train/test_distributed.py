@@ -112,4 +112,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ta
     for name, value in a.items():
         assert torch.allclose(value, b["model"][name], atol=1e-5, rtol=1e-4), name
     metric = "test_mae" if task == "qm9" else "test_forces_mae"
-    assert float(proc.stdout.split(metric)[1].split()[0]) == pytest.approx(single[metric], rel=1e-4)
+    value, unit = proc.stdout.split(metric)[1].split()[:2]  # printed as the epoch lines are
+    scale, expected_unit = (1000, "meV") if task == "qm9" else (1, "eV/A")
+    assert unit == expected_unit
+    assert float(value) == pytest.approx(single[metric] * scale, rel=1e-4)

@@ -61,7 +61,12 @@ def test_end_to_end_writes_run_folder_and_is_reproducible(qm9_root, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((out / "rpe").glob("*.png"))) == 1  # one layer, one FLT RPE
     assert Config.load(out / "config.yaml") == cfg
-    assert json.loads((out / "results.json").read_text()) == pytest.approx(results)
+    stored = json.loads((out / "results.json").read_text())
+    units = stored.pop("units")
+    assert stored == pytest.approx(results)
+    assert set(units) == set(results)  # a unit (or "" for none) for every key
+    assert units["test_mae"] == units["valid_mae"] == units["best_valid_mae"] == "eV"
+    assert units["elapsed_s"] == "s" and units["step"] == units["test_loss"] == ""
 
     rows = read_csv(out / "metrics.csv")
     assert [int(r["step"]) for r in rows if r["valid_mae"]] == [4, 8, 12]  # every epoch
@@ -384,3 +389,113 @@ def test_oc20_tasks(tmp_path, task):
     assert math.isfinite(results["valid_energy_mae"])
     if task == "s2ef":
         assert math.isfinite(results["valid_forces_mae"]) and results["valid_forces_mae"] > 0
+
+
+# ------------------------------------------------------------------ threads, logs (issue 14)
+def test_choose_num_threads_follows_setting_omp_and_local_world_size():
+    from geolinrpe.train.trainer import choose_num_threads
+
+    assert choose_num_threads(None, {}, cores=8) is None  # torch's own default
+    assert choose_num_threads(None, {"LOCAL_WORLD_SIZE": "1"}, cores=8) is None
+    assert choose_num_threads(None, {"LOCAL_WORLD_SIZE": "2"}, cores=8) == 4
+    assert choose_num_threads(None, {"LOCAL_WORLD_SIZE": "3"}, cores=8) == 2  # 8 // 3
+    assert choose_num_threads(None, {"LOCAL_WORLD_SIZE": "4"}, cores=2) == 1  # at least one
+    assert choose_num_threads(None, {"WORLD_SIZE": "2"}, cores=6) == 3  # no LOCAL_WORLD_SIZE
+    env = {"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "5"}
+    assert choose_num_threads(None, env, cores=8) is None  # OMP_NUM_THREADS decides
+    assert choose_num_threads(3, env, cores=8) == 3  # train.num_threads wins
+    assert choose_num_threads(7, {}, cores=2) == 7
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert choose_num_threads(None, {"LOCAL_WORLD_SIZE": "1"}) is None
+    assert choose_num_threads(None, {"LOCAL_WORLD_SIZE": "2"}) == max(1, cores // 2)
+
+
+def test_bars_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from geolinrpe.train.trainer import DistEnv, _bars
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert not _bars(True, DistEnv())
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert _bars(True, DistEnv())
+    assert not _bars(False, DistEnv())  # train.progress stays the switch
+    assert not _bars(True, DistEnv(rank=1, world_size=2))  # process 0 only
+
+
+def test_piped_run_has_no_redraws_one_line_per_epoch_and_keeps_threads(
+    qm9_root, tmp_path, capsys, monkeypatch
+):
+    """Under capsys stdout/stderr are not terminals: no tqdm redraws (no carriage returns),
+    one line per epoch; with no num_threads and no torchrun the trainer leaves threads be."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    for name in ("OMP_NUM_THREADS", "LOCAL_WORLD_SIZE", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    cfg = tiny(qm9_root, tmp_path / "p", "train.progress=true", "train.epochs=2")
+    run(cfg)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out and "\r" not in captured.err
+    assert "it/s" not in captured.err  # no bar at all
+    epoch_lines = [line for line in captured.out.splitlines() if line.startswith("epoch ")]
+    assert [line.split(",")[0] for line in epoch_lines] == ["epoch 0: step 4", "epoch 1: step 8"]
+    assert calls == []
+    calls.clear()
+    run(tiny(qm9_root, tmp_path / "q", "train.epochs=1", "train.num_threads=1"))
+    assert calls == [1]
+
+
+def test_periodic_rpe_profiles_are_skipped_with_one_line(tmp_path, capsys):
+    from geolinrpe.models import build_model
+    from geolinrpe.train.trainer import plot_rpe_profiles
+
+    model = build_model(
+        "molecule", num_targets=1, embed_dim=16, num_layers=3, num_heads=2, num_features=8,
+        rpe="flt-periodic", rpe_options={"max_index": 1}, periodic=True,
+    )  # fmt: skip
+    assert plot_rpe_profiles(model, tmp_path / "rpe") == []
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "RPE profiles: none drawn for the periodic RPE (3 layers); its f(Delta) depends on "
+        "each structure's cell"
+    ]
+    assert not (tmp_path / "rpe").exists()
+
+
+def test_oc20_example_run_ends_without_profile_warnings(tmp_path, capsys):
+    """The shipped OC20 config (flt-periodic) with a tiny budget: the run's output has no
+    "no RPE profile" lines, just one line saying periodic profiles are not drawn."""
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "examples" / "configs" / "oc20_is2re_synthetic.yaml"
+    cfg = Config.load(
+        path,
+        [
+            f"data.path={tmp_path / 'is2re.lmdb'}",
+            "data.options.make_synthetic=12",
+            "data.valid_size=2",
+            "data.test_size=2",
+            "data.batch_size=4",
+            "model.embed_dim=16",
+            "model.num_layers=2",
+            "model.num_features=8",
+            "train.max_steps=2",
+            f"train.out_dir={tmp_path / 'run'}",
+            "train.tensorboard=false",
+            "train.device=cpu",
+        ],
+    )
+    results = run(cfg)
+    assert results["completed"] == 1.0
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "no RPE profile" not in text and "expects encoded positions" not in text
+    assert text.count("RPE profiles: none drawn for the periodic RPE (2 layers)") == 1
+    assert (tmp_path / "run" / "learning_curve.png").is_file()
