@@ -149,3 +149,13 @@ def test_security_benchmark_finds_no_unsafe_outcome(tmp_path):
     )
     assert sum(r.outcome == "named error" for r in ours) >= 70
     assert len(json.loads(report.read_text())) == len(results)
+
+
+def test_ase_md(tmp_path):
+    """Trains a 1-epoch S2EF model, relaxes a slab for 3 BFGS steps, runs 5 NVE steps."""
+    main = _load("examples/ase_md.py").main
+    args = ["--data", str(tmp_path / "s2ef"), "--out", str(tmp_path / "run"), "--systems", "6"]
+    args += ["--test-size", "2", "--epochs", "1", "--relax-steps", "3", "--md-steps", "5"]
+    report = main(args + ["--set", "train.plot=false", *FAST[1:]])
+    assert report["relax_steps"] <= 3 and math.isfinite(report["final_energy_ev"])
+    assert abs(report["nve_relative_drift"]) < 0.05
