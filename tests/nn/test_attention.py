@@ -435,3 +435,23 @@ def test_empty_batches_give_empty_outputs(kw):
             out = module(x, pos, **extra)
             assert out.shape == x.shape and out.dtype == D64
         assert attn.reference(x, pos, **extra, kernel="exact", rpe="exact").shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(rpe="flt-kernel", mode="logit"),
+        dict(rpe="flt-kernel", mode="mask"),
+        dict(rpe="flt-radial", mode="logit"),
+        dict(rpe=None),
+    ],
+)
+def test_dense_layer_traces_without_graph_breaks(kw):
+    """What torch.compile(fullgraph=True) needs, counted by dynamo's tracer (no compilation):
+    zero graph breaks for dense input, with and without a padding mask."""
+    attn = RPEAttention(32, 2, pos_dim=3, num_features=16, **kw).eval()
+    x, pos, mask = compile_inputs()
+    for extra in ({}, {"key_padding_mask": mask}):
+        explained = torch._dynamo.explain(attn)(x, pos, **extra)
+        assert explained.graph_break_count == 0, explained.break_reasons
+        torch._dynamo.reset()
