@@ -807,6 +807,27 @@ def _storage(mols: _Molecules) -> tuple[Data, dict[str, Tensor]]:
     return data, slices
 
 
+def _save_atomically(obj: object, path: str) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename it over ``path``:
+    a reader never sees a partly written cache, also when the trainers of several nodes
+    sharing a filesystem build the same cache at once (each on its local rank 0; the
+    last complete file wins, and they are identical). Non-local paths (``fsspec`` URLs)
+    are written by PyG's ``fs.torch_save``."""
+    if "://" in path:
+        fs.torch_save(obj, path)
+        return
+    import os
+    import uuid
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class QM9(InMemoryDataset):
     r"""QM9 (`Ramakrishnan et al., 2014 <https://doi.org/10.1038/sdata.2014.22>`_) with the 19
     targets of :class:`torch_geometric.datasets.QM9`, read offline from qm9pack's CSV files,
@@ -1037,7 +1058,7 @@ class QM9(InMemoryDataset):
             "skipped_idx": torch.tensor(mols.skipped, dtype=torch.long) - 1,
         }
         _check_plain(payload, "the QM9 cache")
-        fs.torch_save(payload, self.processed_paths[0])
+        _save_atomically(payload, self.processed_paths[0])
         logger.info(
             "QM9(%s): processed %d molecules in %.1f s into %s",
             self.source,
@@ -1086,7 +1107,7 @@ class QM9(InMemoryDataset):
         Path(self.processed_dir).mkdir(parents=True, exist_ok=True)
         self.process()
         for name, value in (("pre_transform", self.pre_transform), ("pre_filter", self.pre_filter)):
-            fs.torch_save(_repr(value), str(Path(self.processed_dir) / f"{name}.pt"))
+            _save_atomically(_repr(value), str(Path(self.processed_dir) / f"{name}.pt"))
 
     def _read_cache(self, path: str) -> tuple[dict | None, str | None]:
         """The cache payload read with ``weights_only=True`` (never anything else), or

@@ -101,6 +101,14 @@ class DataConfig:
         split_seed: seed of every random split (QM9's conventional split uses 42).
         batch_size: the global batch size (graphs or sequences per optimizer step), split
             evenly over the processes of a distributed run.
+        balance: how a distributed run shares each step's global batch between its
+            processes. ``graphs``: ``batch_size / P`` graphs each (the ``k``-th of every
+            ``P`` items of the epoch's order). ``atoms``: the global batch (the same
+            items as in one process) is shared so that the processes' atom totals differ
+            by at most its largest graph; their numbers of graphs differ, and per-graph
+            losses are averaged over the global batch
+            (:class:`~geolinrpe.train.trainer.AtomBalancedBatchSampler`). Both give every
+            process the same number of steps; one process ignores it.
         eval_batch_size: batch size for evaluation (``None``: ``batch_size``).
         num_workers: DataLoader worker processes per training process.
         options: task-specific dataset options: ``point-cloud``: ``num_classes``,
@@ -122,6 +130,7 @@ class DataConfig:
     test_size: int | None = None
     split_seed: int = 42
     batch_size: int = 32
+    balance: Literal["graphs", "atoms"] = "graphs"
     eval_batch_size: int | None = None
     num_workers: int = 0
     options: dict[str, Any] = field(default_factory=dict)

@@ -130,6 +130,21 @@ class Task:
         self.cfg = cfg
         self.state: dict[str, Any] = dict(state) if state is not None else {}
 
+    global_item_mean: bool = False
+    """Whether per-item losses are averaged over the global batch (:meth:`item_count`):
+    set by the trainer for ``data.balance: atoms`` in a data-parallel run."""
+
+    def item_count(self, count: int, device: torch.device) -> Tensor | None:
+        """The divisor of a loss averaged over ``count`` items (graphs, sequences, tokens) of
+        this process's batch: ``None`` (the loss takes its own mean over ``count``), or,
+        with :attr:`global_item_mean`, :meth:`shard_count` of ``count`` (a 0-d tensor;
+        the processes' numbers of items differ, and the average of their gradients must be
+        the gradient of the mean over the global batch). A collective call in a
+        data-parallel run: every process makes it at every step."""
+        if not self.global_item_mean:
+            return None
+        return self.shard_count(torch.tensor(float(count), device=device))
+
     def shard_count(self, count: Tensor) -> Tensor:
         """This process's share of a count summed over the processes of a data-parallel run
         (``sum / world_size``; the count itself in one process). A loss averaged over
@@ -364,7 +379,9 @@ class QM9Task(Task):
 
     def loss(self, out: dict[str, Tensor], batch: Batch) -> Tensor:
         std = self.state["std"].to(out["y"].device)
-        return _regression_loss(self.cfg.train.loss, self._residual(out, batch) / std)
+        residual = self._residual(out, batch) / std  # [g, t]
+        count = self.item_count(residual.numel(), residual.device)
+        return _regression_loss(self.cfg.train.loss, residual, count)
 
     def batch_stats(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         residual = self._residual(out, batch).double()
@@ -527,8 +544,9 @@ class OC20IS2RETask(_OC20Task):
         return out["y"].float().reshape(-1) - batch.y_relaxed.float().reshape(-1)
 
     def loss(self, out: dict[str, Tensor], batch: Batch) -> Tensor:
-        residual = self._residual(out, batch) / self.state["std"].to(out["y"].device)
-        return _regression_loss(self.cfg.train.loss, residual)
+        residual = self._residual(out, batch) / self.state["std"].to(out["y"].device)  # [g]
+        count = self.item_count(residual.numel(), residual.device)
+        return _regression_loss(self.cfg.train.loss, residual, count)
 
     def batch_stats(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         residual = self._residual(out, batch).double().detach()
@@ -584,14 +602,17 @@ class OC20S2EFTask(_OC20Task):
         return energy, forces
 
     def loss(self, out: dict[str, Tensor], batch: Batch) -> Tensor:
-        """Energy term: mean over graphs (the same number in every process); force term:
-        mean over all force components of the global batch (:meth:`Task.shard_count`)."""
+        """Energy term: mean over graphs (this process's, the same number in every process
+        with ``data.balance: graphs``; the global batch's with ``atoms``,
+        :meth:`Task.item_count`); force term: mean over all force components of the global
+        batch (:meth:`Task.shard_count`)."""
         energy, forces = self._residuals(out, batch)
         std = self.state["std"].to(energy.device, energy.dtype)
         count = self.shard_count(torch.tensor(float(forces.numel()), device=forces.device))
+        graphs = self.item_count(energy.numel(), energy.device)
         t = self.cfg.train
         return t.energy_weight * _regression_loss(
-            t.loss, energy / std
+            t.loss, energy / std, graphs
         ) + t.force_weight * _regression_loss(t.loss, forces / std, count)
 
     def batch_stats(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
@@ -650,7 +671,11 @@ class ClassificationTask(Task):
         return {"num_classes": self.num_classes}
 
     def loss(self, out: dict[str, Tensor], batch: Batch) -> Tensor:
-        return F.cross_entropy(out["y"].float(), batch.y.reshape(-1))
+        y = batch.y.reshape(-1)
+        count = self.item_count(y.numel(), y.device)
+        if count is None:
+            return F.cross_entropy(out["y"].float(), y)
+        return F.cross_entropy(out["y"].float(), y, reduction="sum") / count
 
     def batch_stats(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         logits, y = out["y"].detach().float(), batch.y.reshape(-1)
@@ -858,7 +883,11 @@ class SequenceTask(Task):
         return ["loss", "perplexity", "accuracy"]
 
     def loss(self, out: dict[str, Tensor], batch: Batch) -> Tensor:
-        return F.cross_entropy(out["y"].float(), batch.y.reshape(-1))
+        y = batch.y.reshape(-1)
+        count = self.item_count(y.numel(), y.device)
+        if count is None:
+            return F.cross_entropy(out["y"].float(), y)
+        return F.cross_entropy(out["y"].float(), y, reduction="sum") / count
 
     def batch_stats(self, out: dict[str, Tensor], batch: Batch) -> dict[str, Tensor]:
         logits, y = out["y"].detach().float(), batch.y.reshape(-1)

@@ -40,10 +40,24 @@ schedule, gradient scaler, the torch/CUDA/numpy/random RNG states and the positi
 (epoch, batch in epoch, step), so ``train.resume`` after an interruption continues with the
 same batches and random draws: the weights equal those of an uninterrupted run.
 
-Distributed runs (``torchrun --nproc_per_node P -m geolinrpe.cli train cfg.yaml``):
+Distributed runs (``torchrun --nproc_per_node P -m geolinrpe.cli train cfg.yaml``, or one
+plain ``python -m geolinrpe.cli train cfg.yaml`` per task under SLURM's ``srun``):
 ``data.batch_size`` is the global batch, each process takes ``batch_size / P`` of every
-step's batch (the union equals the single-process batch), gradients are averaged by
-DistributedDataParallel, and metrics are summed over processes before they are divided.
+step's batch (``data.balance: graphs``) or a share with nearly the same number of atoms
+(``atoms``, :class:`AtomBalancedBatchSampler`); the union equals the single-process batch,
+gradients are averaged by DistributedDataParallel, losses are means over the global batch,
+and metrics are summed over processes before they are divided.
+
+* Launch: torchrun's ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``
+  when set, else SLURM's (:func:`slurm_environment`: ``SLURM_PROCID``, ``SLURM_NTASKS``,
+  ``SLURM_LOCALID``, the first host of ``SLURM_JOB_NODELIST`` and port
+  ``20000 + SLURM_JOB_ID % 20000`` unless ``MASTER_ADDR``/``MASTER_PORT`` are set).
+* Data caches (QM9's ``processed/``) are built by local rank 0 of every node while the
+  other processes wait (:func:`builds_data_first`): nodes without a shared filesystem
+  build their own; on a shared one the cache is written atomically.
+* Resuming: every process reads its own ``train.resume`` file; before training they
+  compare steps and weight fingerprints (:func:`check_resume_agreement`) and all stop,
+  naming every rank's step, when they differ or one of them cannot resume.
 """
 
 from __future__ import annotations
@@ -53,10 +67,8 @@ import csv
 import importlib.util
 import json
 import math
-import os
 import random
 import time
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,21 +76,30 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, content_digest, read_checkpoint, save_checkpoint
 from .config import Config
+from .distributed import (
+    DistEnv,
+    _all_reduce,
+    _barrier,
+    _init_distributed,
+    _select_device,
+    builds_data_first,
+    check_resume_agreement,
+    choose_num_threads,
+)
+from .sampling import AtomBalancedBatchSampler, EpochSampler, item_sizes
 from .tasks import Task, build_task
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "EpochSampler",
     "LRSchedule",
     "CheckpointError",
     "LoadedRun",
     "NonFiniteError",
     "build_model",
-    "choose_num_threads",
     "evaluate",
     "load_checkpoint",
     "plot_learning_curve",
@@ -114,165 +135,6 @@ class NonFiniteError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------- processes
-@dataclass
-class DistEnv:
-    """This process's place in a (possibly one-process) run."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    initialized_here: bool = False
-
-    @property
-    def is_main(self) -> bool:
-        """Process 0: the one that writes files and prints."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        """More than one process."""
-        return self.world_size > 1
-
-
-def _select_device(preference: str, local_rank: int) -> torch.device:
-    """``auto``: CUDA device ``local_rank`` when CUDA is available, else the CPU."""
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise ValueError("config key 'train.device' is 'cuda' but CUDA is not available")
-    return torch.device("cuda", local_rank)
-
-
-def _init_distributed(preference: str) -> DistEnv:
-    """Reads torchrun's environment (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``) and joins the
-    process group (gloo on CPU, NCCL on GPU) unless one is already initialised."""
-    import torch.distributed as dist
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = _select_device(preference, local_rank)
-    if world <= 1:
-        return DistEnv(device=device)
-    here = False
-    if not dist.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        here = True
-    return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, device, here)
-
-
-def _available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def choose_num_threads(
-    setting: int | None,
-    environ: Mapping[str, str] | None = None,
-    cores: int | None = None,
-) -> int | None:
-    """The ``torch.set_num_threads`` of a training process, or ``None`` to leave torch's
-    own choice (which follows ``OMP_NUM_THREADS``).
-
-    ``train.num_threads`` (``setting``) wins when given. Otherwise ``None``, except under
-    ``torchrun`` with several processes on this node (``LOCAL_WORLD_SIZE`` > 1) and no
-    ``OMP_NUM_THREADS``: then ``max(1, cores // LOCAL_WORLD_SIZE)``, so that the processes
-    share the cores instead of each taking all of them.
-
-    Args:
-        setting: ``train.num_threads``.
-        environ: the environment (``os.environ``).
-        cores: cores available to this process (default: its CPU affinity, else the count).
-    """
-    if setting is not None:
-        return setting
-    environ = os.environ if environ is None else environ
-    if environ.get("OMP_NUM_THREADS", "").strip():
-        return None
-    local = environ.get("LOCAL_WORLD_SIZE") or environ.get("WORLD_SIZE") or "1"
-    try:
-        local_world = int(local)
-    except ValueError:
-        return None
-    if local_world <= 1:
-        return None
-    cores = _available_cores() if cores is None else cores
-    return max(1, cores // local_world)
-
-
-def _all_reduce(tensor: Tensor, env: DistEnv, op: str = "sum") -> Tensor:
-    """Sum (or max) over processes, in place; a no-op in a one-process run."""
-    if env.distributed:
-        import torch.distributed as dist
-
-        reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
-        work = tensor.to(env.device) if env.device.type == "cuda" else tensor
-        dist.all_reduce(work, op=reduce_op)
-        tensor.copy_(work)
-    return tensor
-
-
-def _barrier(env: DistEnv) -> None:
-    if env.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------- sampling
-class EpochSampler(Sampler[int]):
-    """This process's share of an epoch's order, reproducible from ``(seed, epoch)``.
-
-    The order is ``torch.randperm(n)`` seeded with ``seed + epoch`` (``arange`` without
-    ``shuffle``), padded by wrapping around to a multiple of ``world_size`` when ``pad``
-    (every process then takes the same number of batches), and process ``rank`` takes
-    positions ``rank, rank + world_size, ...``: with a per-process batch of ``B / P``, the
-    processes' ``k``-th batches together are the ``k``-th batch of size ``B`` of a one-process
-    run. ``set_epoch(e, skip)`` starts epoch ``e`` after its first ``skip`` indices of this
-    process (resuming mid-epoch).
-    """
-
-    def __init__(
-        self,
-        n: int,
-        shuffle: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        pad: bool = True,
-    ) -> None:
-        self.n, self.shuffle, self.seed = n, shuffle, seed
-        self.rank, self.world_size, self.pad = rank, world_size, pad
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Iterate over epoch ``epoch``'s order, leaving out its first ``skip`` indices."""
-        self.epoch, self.skip = epoch, skip
-
-    def indices(self) -> list[int]:
-        """This process's indices of the current epoch, before skipping."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.n, generator=g).tolist()
-        else:
-            order = list(range(self.n))
-        if self.pad and self.n % self.world_size:
-            extra = self.world_size - self.n % self.world_size
-            order += (order * math.ceil(extra / max(self.n, 1)))[:extra]
-        return order[self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.skip :])
-
-    def __len__(self) -> int:
-        return max(len(self.indices()) - self.skip, 0)
-
-
-# ----------------------------------------------------------------------------- schedule
 class LRSchedule:
     """Learning rate per optimizer step: linear warm-up, then ``cosine`` decay to ``min_lr``
     at ``total_steps``, ``constant``, or ``plateau`` (a factor applied after ``patience``
@@ -671,14 +533,17 @@ class _Trainer:
             _check_out_dir(self.out)
         self.resume_path = self._resume_path()
 
-        # data (process 0 first: it may build a cache the others then read)
+        # data (local rank 0 of every node first: it may build a cache the others of its
+        # node then read; nodes without a shared filesystem build their own)
         self.task = build_task(cfg)
         if env.distributed:
             self.task.shard_count = lambda count: _all_reduce(count, env) / env.world_size
-        if not env.is_main:
+            self.task.global_item_mean = cfg.data.balance == "atoms"
+        first = builds_data_first(env)
+        if not first:
             _barrier(env)
         self.splits = self.task.datasets()
-        if env.is_main:
+        if first:
             _barrier(env)
         if self.splits.get("train") is None or len(self.splits["train"]) == 0:
             raise ValueError("config key 'data': the training split is empty")
@@ -698,6 +563,12 @@ class _Trainer:
             len(self.splits["train"]), True, t.seed, env.rank, env.world_size, pad=True
         )
         self.steps_per_epoch = math.ceil(len(self.sampler.indices()) / self.local_batch)
+        self.batch_sampler: AtomBalancedBatchSampler | None = None
+        if d.balance == "atoms":
+            sizes = item_sizes(self.splits["train"])
+            self.batch_sampler = AtomBalancedBatchSampler(
+                sizes, d.batch_size, True, t.seed, env.rank, env.world_size
+            )
         self.total_steps = t.epochs * self.steps_per_epoch
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
@@ -746,8 +617,17 @@ class _Trainer:
         self.best_state: dict[str, Tensor] | None = None
         self.last_lr = self.schedule.lr()
         resume_step = None
+        self.resumed_digest = ""
+        failed: ValueError | None = None
         if self.resume_path is not None:
-            resume_step = self._load(self.resume_path)
+            try:
+                resume_step = self._load(self.resume_path)
+            except ValueError as err:  # CheckpointError too
+                if not env.distributed:
+                    raise
+                failed = err  # raised after the others have heard of it (no hang)
+        if env.distributed:
+            self._check_resume(failed)
         elif (self.out / "last.pt").is_file():
             _say(
                 f"starting afresh in {self.out}: its last.pt and metrics.csv will be replaced "
@@ -867,6 +747,8 @@ class _Trainer:
             self.elapsed = float(ckpt["elapsed_s"])
             self.window = ckpt["loss_window"].clone()
             _set_rng_state(ckpt["rng"])
+            if self.env.distributed:  # compared between processes (_check_resume)
+                self.resumed_digest = content_digest(ckpt["model"])
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as err:
             detail = f"key {err.args[0]!r} is missing" if isinstance(err, KeyError) else err
             raise CheckpointError(
@@ -880,6 +762,32 @@ class _Trainer:
             )
         _say(f"resumed from {path} at step {self.step} (epoch {self.epoch})", self.env)
         return self.step
+
+    def _check_resume(self, failed: ValueError | None) -> None:
+        """All processes exchange their resumed step, weight fingerprint and whether
+        resuming failed (``failed``: this process's error), then raise the same way: this
+        process's error, a ``ValueError`` naming a failed rank, or
+        :func:`check_resume_agreement`'s. A collective call, made by every process."""
+        import torch.distributed as dist
+
+        digest = int(self.resumed_digest[:15], 16) if self.resumed_digest else -1
+        mine = torch.tensor(
+            [self.step, digest, int(failed is not None)], dtype=torch.int64, device=self.env.device
+        )
+        gathered = [torch.zeros_like(mine) for _ in range(self.env.world_size)]
+        dist.all_gather(gathered, mine)
+        rows = [g.cpu().tolist() for g in gathered]
+        if failed is not None:
+            raise failed
+        bad = [rank for rank, row in enumerate(rows) if row[2]]
+        if bad:
+            raise ValueError(
+                f"config key 'train.resume': rank {', '.join(map(str, bad))} could not resume "
+                "from its checkpoint (its own error says why); no process trains"
+            )
+        check_resume_agreement(
+            [r[0] for r in rows], [f"{r[1]:015x}" if r[1] >= 0 else "" for r in rows]
+        )
 
     # --------------------------------------------------------------------------- steps
     def _train_step(self, batch: Any, lr: float) -> tuple[Tensor, Tensor | None]:
@@ -1025,11 +933,15 @@ class _Trainer:
         epoch_loss = torch.zeros(2, dtype=torch.float64)  # this epoch's loss sum, steps
         try:
             while stop is None:
-                self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.local_batch)
+                if self.batch_sampler is not None:  # data.balance: atoms
+                    self.batch_sampler.set_epoch(self.epoch, self.batch_in_epoch)
+                    batching: dict[str, Any] = {"batch_sampler": self.batch_sampler}
+                else:
+                    self.sampler.set_epoch(self.epoch, self.batch_in_epoch * self.local_batch)
+                    batching = {"batch_size": self.local_batch, "sampler": self.sampler}
                 loader = DataLoader(
                     self.splits["train"],
-                    batch_size=self.local_batch,
-                    sampler=self.sampler,
+                    **batching,
                     collate_fn=self.task.collate,
                     num_workers=self.cfg.data.num_workers,
                     generator=torch.Generator().manual_seed(t.seed + self.epoch),

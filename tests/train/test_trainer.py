@@ -10,7 +10,8 @@ import torch
 
 from geolinrpe.data import from_smiles
 from geolinrpe.train import Config, load_checkpoint, predict, run
-from geolinrpe.train.trainer import EpochSampler, LRSchedule
+from geolinrpe.train.sampling import EpochSampler
+from geolinrpe.train.trainer import LRSchedule
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
@@ -151,6 +152,24 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(qm9_root, tmp_pat
         for r in read_csv(tmp_path / "resumed" / "metrics.csv")
     ]
     assert rows_a == rows_b
+
+
+def test_atom_balance_in_one_process_resumes_mid_epoch_onto_the_same_weights(qm9_root, tmp_path):
+    """``data.balance=atoms`` (its batch sampler and its mid-epoch skip by batches) in one
+    process: the batches of ``graphs``, so an interrupted and resumed run ends with the
+    weights of an uninterrupted ``graphs`` run."""
+    straight = run(tiny(qm9_root, tmp_path / "graphs", "train.plot=false"))
+    atoms = ("data.balance=atoms", "train.plot=false")
+    run(tiny(qm9_root, tmp_path / "atoms", *atoms, "train.stop_after_steps=5"))
+    ckpt = torch.load(tmp_path / "atoms" / "last.pt", weights_only=True)
+    assert (ckpt["step"], ckpt["batch_in_epoch"]) == (5, 1)  # mid-epoch
+    resumed = run(tiny(qm9_root, tmp_path / "atoms", *atoms, "train.resume=auto"))
+    a = torch.load(tmp_path / "graphs" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "atoms" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 12
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), name
+    assert resumed["test_mae"] == straight["test_mae"]
 
 
 def test_resume_refuses_a_different_model(qm9_root, tmp_path):
@@ -393,7 +412,7 @@ def test_oc20_tasks(tmp_path, task):
 
 # ------------------------------------------------------------------ threads, logs (issue 14)
 def test_choose_num_threads_follows_setting_omp_and_local_world_size():
-    from geolinrpe.train.trainer import choose_num_threads
+    from geolinrpe.train.distributed import choose_num_threads
 
     assert choose_num_threads(None, {}, cores=8) is None  # torch's own default
     assert choose_num_threads(None, {"LOCAL_WORLD_SIZE": "1"}, cores=8) is None
@@ -416,7 +435,8 @@ def test_bars_only_on_a_terminal(monkeypatch):
     import io
     import sys
 
-    from geolinrpe.train.trainer import DistEnv, _bars
+    from geolinrpe.train.distributed import DistEnv
+    from geolinrpe.train.trainer import _bars
 
     class Terminal(io.StringIO):
         def isatty(self):
