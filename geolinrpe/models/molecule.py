@@ -19,6 +19,7 @@ from ..nn.block import (
     pool,
     read_batch,
 )
+from ..ops.checks import eager_checks
 from ..ops.packing import to_packed
 from .radius import radius_graph, radius_graph_pbc
 from .spherical_harmonics import spherical_harmonics
@@ -26,6 +27,8 @@ from .spherical_harmonics import spherical_harmonics
 __all__ = ["MoleculeTransformer", "SphericalHarmonicsEmbedding"]
 
 READOUTS = ("sum", "mean")
+#: dense batches up to this many atom pairs (b L^2) use the all-pairs SH path in eager mode
+DENSE_PAIRS = 1 << 20
 
 
 class SphericalHarmonicsEmbedding(nn.Module):
@@ -120,17 +123,64 @@ class SphericalHarmonicsEmbedding(nn.Module):
             )
             j, i = edge_index
             vec = pos[j] + shift.to(pos.dtype) - pos[i]
+        weight, sh = self._pair_terms(vec, z[j])  # [e, k], [e, m]
+        messages = torch.einsum("ek,em->ekm", weight, sh)
+        density = pos.new_zeros((pos.shape[0],) + messages.shape[1:]).index_add(0, i, messages)
+        return self._readout(density)
+
+    def _pair_terms(
+        self, vec: Tensor, z_neighbour: Tensor, within: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(R_k(d) s_k(z_j) / sqrt(N) [..., k], Y_lm(u) [..., m])`` for neighbour vectors
+        ``vec [..., 3]``; ``within`` (bool ``[...]``) zeroes pairs that are not neighbours."""
         dist = vec.norm(dim=-1)
         envelope = 0.5 * (torch.cos(math.pi * dist / self.cutoff) + 1.0)
-        basis = torch.exp(-(((dist[:, None] - self.centers) / self.width) ** 2))
-        weight = self.radial(basis) * self.species(z[j]) * envelope[:, None]  # [e, k]
-        sh = spherical_harmonics(self.lmax, vec)  # [e, (lmax + 1)^2]
-        messages = torch.einsum("ek,em->ekm", weight, sh) / math.sqrt(self.max_num_neighbors or 32)
-        density = pos.new_zeros((pos.shape[0],) + messages.shape[1:]).index_add(0, i, messages)
+        if within is not None:
+            envelope = envelope * within
+        basis = torch.exp(-(((dist[..., None] - self.centers) / self.width) ** 2))
+        weight = self.radial(basis) * self.species(z_neighbour) * envelope[..., None]
+        scale = 1.0 / math.sqrt(self.max_num_neighbors or 32)
+        return weight * scale, spherical_harmonics(self.lmax, vec)  # [..., (lmax + 1)^2]
+
+    def _readout(self, density: Tensor) -> Tensor:
         power = torch.stack(
             [density[..., l * l : (l + 1) ** 2].pow(2).sum(-1) for l in range(self.lmax + 1)], -1
-        )  # [n, k, l]
-        return self.out(self.norm(power.flatten(1)))
+        )  # [..., k, l]
+        return self.out(self.norm(power.flatten(-2)))
+
+    def neighbours_fit_the_budget(self, pos: Tensor, mask: Tensor) -> bool:
+        """Whether :meth:`dense` serves this dense batch in eager mode: at most
+        :data:`DENSE_PAIRS` atom pairs, and no atom with more than ``max_num_neighbors``
+        neighbours within the cutoff (so :meth:`dense` equals :meth:`forward`)."""
+        if pos.shape[0] * pos.shape[1] ** 2 > DENSE_PAIRS:  # too large for all pairs
+            return False
+        if self.max_num_neighbors is None:
+            return True
+        return int(self._within(pos, mask).sum(-1).max()) <= self.max_num_neighbors
+
+    def _within(self, pos: Tensor, mask: Tensor) -> Tensor:
+        """Bool ``[b, L, L]``: ``j`` is a neighbour of ``i`` (both atoms, ``i != j``, within
+        the cutoff)."""
+        eye = torch.eye(pos.shape[1], dtype=torch.bool, device=pos.device)
+        atoms = ~mask[:, :, None] & ~mask[:, None, :] & ~eye
+        return atoms & ((pos[:, None] - pos[:, :, None]).norm(dim=-1) < self.cutoff)
+
+    def dense(self, z: Tensor, pos: Tensor, mask: Tensor) -> Tensor:
+        """The same features for a dense batch with a fixed neighbour budget: every atom pair
+        of a molecule, ``O(b L^2)``, no radius graph (static shapes: compiles without graph
+        breaks and exports with :func:`torch.export.export`). Equals :meth:`forward` when no
+        atom has more than ``max_num_neighbors`` neighbours within the cutoff (QM9: at most
+        28); non-periodic only. Memory ``O(b L^2 (k + m))``: eager calls use it up to
+        :data:`DENSE_PAIRS` pairs, compiled and exported models always.
+
+        Shapes: ``z [b, L]``, ``pos [b, L, 3]``, ``mask [b, L]`` (True = padding) ->
+        ``[b, L, c]`` (padded rows hold the features of an atom without neighbours).
+        """
+        within = self._within(pos, mask)
+        vec = pos[:, None] - pos[:, :, None]  # [b, i, j, 3]: r_j - r_i
+        vec = torch.where(within[..., None], vec, torch.ones_like(vec))  # no 0/0 gradients
+        weight, sh = self._pair_terms(vec, z[:, None, :].expand(within.shape), within)
+        return self._readout(torch.einsum("bijk,bijm->bikm", weight, sh))  # [b, L, c]
 
 
 def target_buffers(
@@ -190,6 +240,8 @@ def energy_and_forces(
 def check_atomic_numbers(z: Tensor, mask: Tensor | None, max_z: int) -> None:
     if z.dtype != torch.long:
         raise ValueError(f"z must be a long tensor of atomic numbers, got {z.dtype}")
+    if not eager_checks():  # values are not known while compiling or exporting
+        return
     valid = z if mask is None else z[~mask]
     if valid.numel() and (int(valid.min()) < 1 or int(valid.max()) > max_z):
         raise ValueError(
@@ -404,6 +456,8 @@ class MoleculeTransformer(nn.Module):
             return self.sh(z, pos, batch, cell, pbc)
         if mask is None:
             mask = torch.zeros(z.shape, dtype=torch.bool, device=z.device)
+        if cell is None and (not eager_checks() or self.sh.neighbours_fit_the_budget(pos, mask)):
+            return self.sh.dense(z, pos, mask)  # static shapes (compile, export)
         packed_pos, packed_batch = to_packed(pos, mask)
         feats = self.sh(z[~mask], packed_pos, packed_batch, cell, pbc)
         out = feats.new_zeros(mask.shape + feats.shape[-1:])

@@ -260,3 +260,46 @@ def test_bad_inputs():
         model(Data(z=z))
     with pytest.raises(ValueError, match="pos must be"):
         model(Batch(z=z, pos=pos[:, :2], batch=batch))
+
+
+def test_dense_neighbour_budget_equals_the_radius_graph_and_is_smooth():
+    """The all-pairs (fixed neighbour budget) SH features equal the radius-graph ones while no
+    atom has more than max_num_neighbors neighbours; gradients finite; padding ignored."""
+    from torch_geometric.data import Data
+
+    from geolinrpe.data import collate_padded
+
+    torch.manual_seed(0)
+    sh = SphericalHarmonicsEmbedding(8, lmax=3, cutoff=3.0).to(D64)
+    z, pos, batch = molecules([7, 4, 9])
+    dense = collate_padded([Data(z=z[batch == g], pos=pos[batch == g]) for g in range(3)])
+    mask = dense["key_padding_mask"]
+    assert sh.neighbours_fit_the_budget(dense["pos"], mask)
+    pos_dense = dense["pos"].clone().requires_grad_(True)
+    features = sh.dense(dense["z"], pos_dense, mask)
+    torch.testing.assert_close(features[~mask], sh(z, pos, batch), **TIGHT)
+    features[~mask].square().sum().backward()
+    assert torch.isfinite(pos_dense.grad).all() and (pos_dense.grad[mask] == 0).all()
+    crowded = SphericalHarmonicsEmbedding(8, lmax=1, cutoff=30.0, max_num_neighbors=3)
+    assert not crowded.neighbours_fit_the_budget(dense["pos"], mask)  # packed path then
+
+
+def test_dense_model_compiles_without_graph_breaks_and_exports():
+    """A dense batch (z [b, L], pos [b, L, 3], key_padding_mask) traces with zero graph
+    breaks and exports with torch.export; the exported program equals eager."""
+    from torch_geometric.data import Data
+
+    from geolinrpe.data import collate_padded
+
+    torch.manual_seed(0)
+    model = tiny(use_spherical_harmonics=True, rpe="flt-kernel").float()
+    z, pos, batch = molecules([5, 3])
+    dense = collate_padded([Data(z=z[batch == g], pos=pos[batch == g].float()) for g in range(2)])
+    inputs = {k: dense[k] for k in ("z", "pos", "key_padding_mask")}
+    explained = torch._dynamo.explain(model)(inputs)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch._dynamo.reset()
+    program = torch.export.export(model, (inputs,))
+    torch.testing.assert_close(program.module()(inputs)["y"], model(inputs)["y"])
+    packed = model(Batch(z=z, pos=pos.float(), batch=batch))["y"]
+    torch.testing.assert_close(model(inputs)["y"], packed, rtol=1e-4, atol=1e-5)
