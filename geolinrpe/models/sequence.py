@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn.block import RPETransformerEncoder, merge_attention_options
+from ..ops.checks import eager_checks
 
 __all__ = ["SequenceTransformer"]
 
@@ -124,7 +125,11 @@ class SequenceTransformer(nn.Module):
         if tokens.shape[1] == 0:
             raise ValueError("tokens has no positions")
         valid = tokens if key_padding_mask is None else tokens[~key_padding_mask]
-        if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= self.vocab_size):
+        if (
+            eager_checks()  # token values are unknown while compiling or exporting
+            and valid.numel()
+            and (int(valid.min()) < 0 or int(valid.max()) >= self.vocab_size)
+        ):
             raise ValueError(
                 f"token ids must be in [0, {self.vocab_size}), got "
                 f"[{int(valid.min())}, {int(valid.max())}]"
