@@ -340,10 +340,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except ValueError as err:
         print(f"geolinrpe {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return _failed(2)
     except NonFiniteError as err:
         print(f"geolinrpe {args.command}: error: {err}", file=sys.stderr)
-        return 3
+        return _failed(3)
+
+
+def _failed(status: int) -> int:
+    """``status``; a process of a multi-process run exits at once instead: after a failed
+    run, interpreter teardown was seen to wait for peers that had already exited (a resume
+    mismatch left one process waiting until it was killed). Output is flushed first; the
+    checkpoints were written atomically before."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
