@@ -47,22 +47,23 @@ def _ndarray_hook(dct: dict[str, Any]) -> Any:
 def decode_row(raw: bytes, file: Path, record: str) -> Any:
     """A compressed ASE JSON value, decompressed within :func:`text_limit`."""
     limit = text_limit(len(raw))
+    inflater = zlib.decompressobj()
     try:
-        inflater = zlib.decompressobj()
         text = inflater.decompress(raw, limit + 1)
-        if len(text) > limit or inflater.unconsumed_tail:
-            raise OC20FormatError(
-                file,
-                record,
-                f"value expands past {limit:,} bytes from {len(raw):,} compressed "
-                "(a decompression bomb or a corrupt stream)",
-            )
-        if not inflater.eof:
-            raise zlib.error("incomplete or truncated stream")
+    except zlib.error as err:
+        raise OC20FormatError(file, record, f"not a zlib-compressed value ({err})") from None
+    if len(text) > limit or inflater.unconsumed_tail:
+        raise OC20FormatError(
+            file,
+            record,
+            f"value expands past {limit:,} bytes from {len(raw):,} compressed "
+            "(a decompression bomb or a corrupt stream)",
+        )
+    if not inflater.eof:
+        raise OC20FormatError(file, record, "not a zlib-compressed value (truncated stream)")
+    try:
         return json.loads(text, object_hook=_ndarray_hook)
-    except (zlib.error, ValueError, TypeError, RecursionError) as err:
-        if isinstance(err, OC20FormatError):
-            raise
+    except (ValueError, TypeError, RecursionError) as err:
         problem = f"not a zlib-compressed ASE JSON value ({type(err).__name__}: {err})"
         raise OC20FormatError(file, record, problem) from None
 
