@@ -42,6 +42,14 @@ a positive kernel feature map ``|out_i| <= max_j |f_hat_ij| max_j |v_j|``. The m
 denominator ``sum_j K_ij f_hat_ij`` is unsafe: it can be 0 or negative (rows whose
 neighbours lie outside the window) and the output is then unbounded. In logit mode ``f`` is
 an additive bias (``amplitude=0`` is neutral).
+
+Frequency sets (``frequencies=``, :mod:`geolinrpe.rpe.frequencies`): ``"mc"`` draws
+``eps ~ N(0, 1)``; ``"qmc"`` uses scrambled Sobol points through the normal inverse CDF;
+``"quadrature"`` uses the deterministic 1D lattice rule of the proposal (the weights are even
+in ``eps``, so the rule is folded), built for offsets ``|Delta| <= quadrature_range * a``.
+The rule is periodic: offsets near ``rule.period * softness * a`` see the window again, so a
+sequence longer than that period needs more frequencies (or ``"mc"``, whose error is noise
+instead of an image).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FourierRPE
+from .frequencies import QUADRATURE_RANGE, check_frequencies, check_range, lattice_rule, normal
 
 
 class LocalRPE(FourierRPE):
@@ -76,6 +85,9 @@ class LocalRPE(FourierRPE):
             ``log a``).
         amplitude: initial height ``c`` (default 1.0; 0.0 is the neutral logit-mode bias).
         softness: edge width ``tau / a`` of the Gaussian smoothing, fixed (default 0.2).
+        frequencies: ``"mc"`` (default), ``"qmc"`` or ``"quadrature"`` (module docstring).
+        quadrature_range: offsets ``|Delta| <= quadrature_range * a`` the lattice rule is
+            optimised for (default 3.0, in initial half-widths; ``"quadrature"`` only).
 
     Shapes:
         ``spectrum()`` -> ``xi [h, m, 1]``, ``weight [h, m]``;
@@ -90,6 +102,8 @@ class LocalRPE(FourierRPE):
         half_width: float = 1.0,
         amplitude: float = 1.0,
         softness: float = 0.2,
+        frequencies: str = "mc",
+        quadrature_range: float = QUADRATURE_RANGE,
     ) -> None:
         super().__init__(pos_dim, num_heads, num_frequencies)
         if pos_dim != 1:
@@ -104,9 +118,15 @@ class LocalRPE(FourierRPE):
         self.init_half_width = float(half_width)
         self.init_amplitude = float(amplitude)
         self.softness = float(softness)
+        self.frequencies = check_frequencies(frequencies)
+        self.quadrature_range = check_range(quadrature_range)
+        if self.frequencies == "quadrature":  # standardised offsets: Delta / (softness a)
+            range_ = self.quadrature_range / softness
+            self.rule = lattice_rule(1, num_frequencies, "gaussian", range_)
         self.log_half_width = nn.Parameter(torch.empty(num_heads))
         self.amplitude = nn.Parameter(torch.empty(num_heads))
         self.register_buffer("base_noise", torch.empty(num_heads, num_frequencies))
+        self.register_buffer("base_weights", torch.ones(num_heads, num_frequencies), False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -117,7 +137,14 @@ class LocalRPE(FourierRPE):
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
-        eps = torch.randn(self.base_noise.shape, generator=generator, dtype=torch.float64)
+        """New ``eps`` (``"mc"``, ``"qmc"``); the fixed rule (``"quadrature"``)."""
+        if self.frequencies == "quadrature":
+            eps = self.rule.nodes[:, 0].expand(self.num_heads, -1)
+            weights = self.num_frequencies * self.rule.weights.expand(self.num_heads, -1)
+            self.base_weights.copy_(weights)
+        else:
+            shape = tuple(self.base_noise.shape)
+            eps = normal((*shape, 1), self.frequencies, generator)[..., 0]
         self.base_noise.copy_(eps)
 
     @property
@@ -129,7 +156,8 @@ class LocalRPE(FourierRPE):
         kappa, eps = self.softness, self.base_noise
         xi = eps / (2 * math.pi * kappa * self.half_width[:, None])
         ratio = torch.sinc(eps / (math.pi * kappa)) * (2 / (math.sqrt(2 * math.pi) * kappa))
-        return xi[..., None], self.amplitude[:, None] * ratio
+        weight = self.amplitude[:, None] * ratio * self.base_weights.to(ratio)
+        return xi[..., None], weight
 
     def spectral_density(self, xi: Tensor) -> Tensor:
         """``g(xi) = 2 a c sinc(2 a xi) exp(-2 pi^2 tau^2 xi^2)``: ``[h, ...]`` -> ``[h, ...]``."""

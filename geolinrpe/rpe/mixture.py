@@ -44,6 +44,21 @@ Both estimates are signed (cosines, and ``w_k`` may be negative): in mask mode u
 denominator ``sum_j K_ij f_hat_ij`` can reach 0. In logit mode ``f`` is an additive bias and
 the zero initialisation ``w = 0`` (``f = 0``) is neutral.
 
+Frequency sets (``frequencies=``, :mod:`geolinrpe.rpe.frequencies`): ``"mc"`` draws
+``eps ~ N(0, I)``; ``"qmc"`` uses scrambled Sobol points through the normal inverse CDF (one
+sequence per head, so each component's ``eps`` are a stride of it); ``"quadrature"`` uses
+deterministic lattice rules:
+
+* ``sampler="mixture"``: component ``k`` gets an unfolded Gaussian lattice rule with its
+  ``m_k`` slots (``xi = mu_k + sigma_k eps / sqrt(2)`` is not symmetric about 0, so the rule is
+  not folded), optimised for offsets within ``quadrature_range`` of the component's length
+  scale ``1 / (sqrt(2) pi sigma_k)``; weight ``m w_l W_k``. With few slots per component
+  (the default ``m = 32``, ``K = 25`` gives 1-2) the rule sees little more than each
+  component's centre ``mu_k``: use ``m >> K``.
+* ``sampler="proposal"``: the proposal's folded lattice rule, with the symmetrised weights
+  ``(g(xi) + g(-xi)) / (2 p(xi))`` (the same ``E_p[. cos]``), for offsets
+  ``|Delta| <= quadrature_range / (2 pi s)``.
+
 Axes: ``...`` leading axes, p position dim, h heads, k components, m frequencies.
 """
 
@@ -55,6 +70,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import FourierRPE, _check_positive_ints
+from .frequencies import QUADRATURE_RANGE, check_frequencies, check_range, lattice_rule, normal
 
 SAMPLERS = ("mixture", "proposal")
 
@@ -92,6 +108,9 @@ class GaussianMixtureRPE(FourierRPE):
             ``sigma_max``). ``sigma = 0.5`` gives ``f`` a Gaussian envelope of length scale
             ``1 / (sqrt(2) pi sigma) = 0.45`` position units.
         init_mu_std: the centres start at ``N(0, init_mu_std^2 I)`` (default 0.5).
+        frequencies: ``"mc"`` (default), ``"qmc"`` or ``"quadrature"`` (module docstring).
+        quadrature_range: range of offsets the lattice rules are optimised for (default 3.0;
+            module docstring).
 
     Shapes:
         ``spectrum()`` -> ``xi [h, m, p]``, ``weight [h, m]``;
@@ -110,6 +129,8 @@ class GaussianMixtureRPE(FourierRPE):
         init_weight: float | Tensor = 0.0,
         init_sigma: float | None = None,
         init_mu_std: float = 0.5,
+        frequencies: str = "mc",
+        quadrature_range: float = QUADRATURE_RANGE,
     ) -> None:
         super().__init__(pos_dim, num_heads, num_frequencies)
         _check_positive_ints(num_components=num_components)
@@ -154,6 +175,8 @@ class GaussianMixtureRPE(FourierRPE):
             ) from err
         self.num_components = num_components
         self.sampler = sampler
+        self.frequencies = check_frequencies(frequencies)
+        self.quadrature_range = check_range(quadrature_range)
         self.proposal_scale = proposal_scale
         self.sigma_max = sigma_max
         self.init_weight = init
@@ -170,7 +193,26 @@ class GaussianMixtureRPE(FourierRPE):
         self.register_buffer(
             "allocation", num_frequencies / counts[component].double(), persistent=False
         )
+        if self.frequencies == "quadrature":
+            self._quadrature_rules(component, counts)
         self.reset_parameters()
+
+    def _quadrature_rules(self, component: Tensor, counts: Tensor) -> None:
+        """Fixed nodes ``[m, p]`` and weights ``m w_l`` (replacing ``allocation``)."""
+        m, p = self.num_frequencies, self.pos_dim
+        nodes = torch.zeros(m, p, dtype=torch.float64)
+        weights = torch.zeros(m, dtype=torch.float64)
+        if self.sampler == "proposal":
+            rule = lattice_rule(p, m, "gaussian", self.quadrature_range)
+            nodes, weights = rule.nodes, m * rule.weights
+        else:
+            for k in range(self.num_components):
+                slots = (component == k).nonzero()[:, 0]
+                rule = lattice_rule(p, int(counts[k]), "gaussian", self.quadrature_range, False)
+                nodes[slots] = rule.nodes
+                weights[slots] = m * rule.weights
+        self.register_buffer("quadrature_nodes", nodes, persistent=False)
+        self.register_buffer("allocation", weights, persistent=False)
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -185,7 +227,11 @@ class GaussianMixtureRPE(FourierRPE):
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
-        eps = torch.randn(self.base_noise.shape, generator=generator, dtype=torch.float64)
+        """New ``eps`` (``"mc"``, ``"qmc"``); the fixed rules (``"quadrature"``)."""
+        if self.frequencies == "quadrature":
+            eps = self.quadrature_nodes.expand(self.num_heads, -1, -1)
+        else:
+            eps = normal(tuple(self.base_noise.shape), self.frequencies, generator)
         self.base_noise.copy_(eps)
 
     @property
@@ -216,8 +262,15 @@ class GaussianMixtureRPE(FourierRPE):
             xi = self.mixture_means[:, c] + sigma[..., None] * self.base_noise / math.sqrt(2)
             weight = self.allocation.to(sigma.dtype) * self.component_masses()[:, c]
             return xi, weight
+        xi = self.proposal_scale * self.base_noise  # [h, m, p]
+        if self.frequencies == "quadrature":  # folded rule: the even part of g / p
+            ratio = (self._proposal_ratio(xi) + self._proposal_ratio(-xi)) / 2
+            return xi, ratio * self.allocation.to(ratio)
+        return xi, self._proposal_ratio(xi)
+
+    def _proposal_ratio(self, xi: Tensor) -> Tensor:
+        """``g(xi) / p(xi)`` for the proposal ``p = N(0, s^2 I)``: ``[h, m, p]`` -> ``[h, m]``."""
         s, p = self.proposal_scale, self.pos_dim
-        xi = s * self.base_noise  # [h, m, p]
         sq = (xi[:, :, None] - self.mixture_means[:, None]).pow(2).sum(-1)  # [h, m, K]
         sigma = self.mixture_scales[:, None]  # [h, 1, K]
         # log(g_k / p) in one exponent: bounded above because sigma^2 < 2 s^2
@@ -226,8 +279,7 @@ class GaussianMixtureRPE(FourierRPE):
             + xi.pow(2).sum(-1, keepdim=True) / (2 * s**2)
             + p / 2 * math.log(2 * math.pi * s**2)
         )
-        weight = (self.mixture_weights[:, None] * torch.exp(log_ratio)).sum(-1)
-        return xi, weight
+        return (self.mixture_weights[:, None] * torch.exp(log_ratio)).sum(-1)
 
     def closed_form(self, delta: Tensor) -> Tensor:
         means = self.mixture_means.to(delta.dtype)
@@ -239,7 +291,10 @@ class GaussianMixtureRPE(FourierRPE):
         return terms.sum(-1)
 
     def extra_repr(self) -> str:
-        extra = f", num_components={self.num_components}, sampler={self.sampler!r}"
+        extra = (
+            f", num_components={self.num_components}, sampler={self.sampler!r}, "
+            f"frequencies={self.frequencies!r}"
+        )
         if self.sampler == "proposal":
             extra += f", proposal_scale={self.proposal_scale}, sigma_max={self.sigma_max}"
         return super().extra_repr() + extra

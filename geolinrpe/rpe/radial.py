@@ -53,6 +53,25 @@ makes ``f_hat`` radial only in expectation. ``rotation=``
   and exactly translation invariant (the frame is centred). The frame uses every token of a
   graph, so it must not be combined with ``causal=True`` (it would see future positions).
 
+Frequency sets (``frequencies=``, :mod:`geolinrpe.rpe.frequencies`):
+
+* ``"mc"``: the stratified sampler above (independent uniforms for the strata and
+  directions).
+* ``"qmc"``: the same sampler driven by one scrambled Sobol point per frequency (its first
+  coordinate places the radius in its stratum, the other two give the direction through the
+  area-preserving map ``z = 1 - 2 u_1``, ``phi = 2 pi u_2``): unbiased for every draw.
+* ``"quadrature"``: a deterministic lattice rule in frequency space (the trapezoidal rule on
+  the body-centred cubic lattice of :func:`~geolinrpe.rpe.frequencies.lattice_rule`, built for
+  the initial Gaussian ``N(0, (2 pi l_h)^-2 I)`` of head ``h`` and fixed thereafter), with
+  weights ``a_l = m V g(xi_l)``: ``V`` the lattice cell's volume (doubled for a folded ``+-xi``
+  pair) and ``g`` the learned density, :meth:`RadialRPE.spectral_density`. The learned
+  spectrum is integrated against the rule's base measure, so gradients reach ``c, mu, s``
+  through the weights only; shells that move beyond the ball of nodes (radius
+  ``rule.radius / (2 pi l_h)``) are cut off, and offsets beyond ``rule.period * l_h`` see
+  aliased images. With ``m = 64`` the rule reproduces the initial Gaussian to 6.9e-3
+  (relative RMS) over ``|Delta| <= 3 l_h``. The estimate is then a fixed function of
+  ``Delta``: under a rotation it changes by at most twice the rule's error.
+
 Axes: ``...`` leading axes, g graphs, n tokens, p position dim (3), h heads, k components,
 m frequencies.
 """
@@ -68,6 +87,7 @@ from torch import Tensor, nn
 
 from ..ops.packing import to_padded
 from .base import FourierRPE, _check_positive_ints, per_head
+from .frequencies import QUADRATURE_RANGE, check_frequencies, check_range, lattice_rule, uniform
 
 ROTATIONS = ("fixed", "random", "frame")
 #: a PCA axis whose third moment is below ``SKEW_TOLERANCE * variance^(3/2)`` has no sign
@@ -250,6 +270,9 @@ class RadialRPE(FourierRPE):
             per head (multi-scale heads, e.g. ``[0.5, 1, 2, 4]``).
         amplitude: initial ``c_0 = f(0)`` (default 1.0; 0.0 = neutral), or one per head.
         rotation: ``"fixed"`` (default), ``"random"`` or ``"frame"`` (module docstring).
+        frequencies: ``"mc"`` (default), ``"qmc"`` or ``"quadrature"`` (module docstring).
+        quadrature_range: offsets ``|Delta| <= quadrature_range * l_h`` the lattice rule is
+            optimised for (default 3.0; ``frequencies="quadrature"`` only).
 
     Shapes:
         ``spectrum()`` -> ``xi [h, m, 3]``, ``weight [h, m]``;
@@ -266,6 +289,8 @@ class RadialRPE(FourierRPE):
         lengthscale: float | Sequence[float] = 1.0,
         amplitude: float | Sequence[float] = 1.0,
         rotation: str = "fixed",
+        frequencies: str = "mc",
+        quadrature_range: float = QUADRATURE_RANGE,
     ) -> None:
         if pos_dim != 3:
             raise ValueError(f"pos_dim must be 3 for a radial RPE, got {pos_dim!r}")
@@ -280,6 +305,8 @@ class RadialRPE(FourierRPE):
             raise ValueError(f"rotation must be one of {ROTATIONS}, got {rotation!r}")
         self.num_components = num_components
         self.rotation = rotation
+        self.frequencies = check_frequencies(frequencies)
+        self.quadrature_range = check_range(quadrature_range)
         self.register_buffer(
             "init_lengthscale", per_head("lengthscale", lengthscale, num_heads, True), False
         )
@@ -292,6 +319,14 @@ class RadialRPE(FourierRPE):
         self.register_buffer("base_radii", torch.empty(num_heads, num_frequencies))
         self.register_buffer("directions", torch.empty(num_heads, num_frequencies, 3))
         self.register_buffer("rotation_matrix", torch.eye(3))
+        if self.frequencies == "quadrature":  # fixed nodes and cell volumes per head
+            self.rule = lattice_rule(3, num_frequencies, "gaussian", self.quadrature_range)
+            scale = 2 * math.pi * self.init_lengthscale[:, None]  # [h, 1]
+            nodes = self.rule.nodes[None] / scale[..., None]  # [h, m, 3]
+            density = torch.exp(-self.rule.nodes.pow(2).sum(-1) / 2) / (2 * math.pi) ** 1.5
+            volume = num_frequencies * (self.rule.weights / density)[None] / scale**3
+            self.register_buffer("quadrature_nodes", nodes.float(), False)
+            self.register_buffer("quadrature_weights", volume.float(), False)
         # stratification: frequency l samples shell l mod K, stratum l // K of m_k
         component = torch.arange(num_frequencies) % num_components
         counts = torch.bincount(component, minlength=num_components)
@@ -317,13 +352,24 @@ class RadialRPE(FourierRPE):
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
-        """New stratified radii, directions and (``rotation="random"``) rotation."""
+        """New stratified radii, directions and (``rotation="random"``) rotation
+        (``"quadrature"``: the rule is fixed; only the random rotation is redrawn)."""
         shape = self.base_radii.shape
-        uniform = torch.rand(shape, generator=generator, dtype=torch.float64)
-        level = (self.stratum.double() + uniform) / self.stratum_count.double()
+        if self.frequencies == "qmc":
+            u = uniform((*shape, 3), "qmc", generator)  # [h, m, 3]
+            cos_theta, phi = 1 - 2 * u[..., 1], 2 * math.pi * u[..., 2]
+            sin_theta = (1 - cos_theta**2).clamp_min(0).sqrt()
+            directions = torch.stack(
+                [sin_theta * torch.cos(phi), sin_theta * torch.sin(phi), cos_theta], -1
+            )
+            u = u[..., 0]
+        else:
+            u = torch.rand(shape, generator=generator, dtype=torch.float64)
+            gauss = torch.randn(self.directions.shape, generator=generator, dtype=torch.float64)
+            directions = gauss / gauss.norm(dim=-1, keepdim=True)
+        level = (self.stratum.double() + u) / self.stratum_count.double()
         self.base_radii.copy_(torch.special.ndtri(level))
-        gauss = torch.randn(self.directions.shape, generator=generator, dtype=torch.float64)
-        self.directions.copy_(gauss / gauss.norm(dim=-1, keepdim=True))
+        self.directions.copy_(directions)
         if self.rotation == "random":
             self.rotation_matrix.copy_(_haar_rotation(generator))
         else:
@@ -356,7 +402,25 @@ class RadialRPE(FourierRPE):
                 self.rotation_matrix.copy_(rotation)
         return pos
 
+    def spectral_density(self, xi: Tensor) -> Tensor:
+        """``g(xi)`` (module docstring): ``xi [h, ..., 3]`` -> ``[h, ...]`` (each head's own).
+
+        ``w_k = c_k / (2 pi^(3/2) s_k (2 mu_k^2 + s_k^2))`` makes ``int g_k = c_k``.
+        """
+        lead = xi.shape[1:-1]
+        rho = torch.linalg.vector_norm(xi.reshape(self.num_heads, -1, 1, 3), dim=-1)  # [h, n, 1]
+        mu = self.shell_radii[:, None]  # [h, 1, K]
+        width = self.shell_widths[:, None]
+        amp = self.shell_amplitudes[:, None]
+        w = amp / (2 * math.pi**1.5 * width * (2 * mu**2 + width**2))
+        shells = torch.exp(-((rho - mu) ** 2) / width**2) + torch.exp(-((rho + mu) ** 2) / width**2)
+        return (w * shells).sum(-1).reshape(self.num_heads, *lead)
+
     def spectrum(self) -> tuple[Tensor, Tensor]:
+        if self.frequencies == "quadrature":
+            nodes = self.quadrature_nodes.to(self.shell_radii.dtype)
+            weight = self.quadrature_weights.to(nodes) * self.spectral_density(nodes)
+            return nodes @ self.rotation_matrix.T.to(nodes), weight
         mu = self.shell_radii[:, self.component]  # [h, m]
         width = self.shell_widths[:, self.component]
         amp = self.shell_amplitudes[:, self.component]
@@ -382,5 +446,6 @@ class RadialRPE(FourierRPE):
     def extra_repr(self) -> str:
         return (
             super().extra_repr()
-            + f", num_components={self.num_components}, rotation={self.rotation!r}"
+            + f", num_components={self.num_components}, rotation={self.rotation!r}, "
+            f"frequencies={self.frequencies!r}"
         )

@@ -47,6 +47,12 @@ network evaluations per call and ``n^p`` cosines per lag (``p <= 3`` only).
 
 The estimate is signed (cosines; and ``h`` itself with ``positive=False``): in mask mode use
 ``normalize="kernel"`` (the default of :class:`~geolinrpe.nn.RPEAttention`).
+
+Frequency sets (``frequencies=``, :mod:`geolinrpe.rpe.frequencies`): ``"mc"`` draws
+``eps ~ N(0, I)``; ``"qmc"`` uses scrambled Sobol points through the normal inverse CDF;
+``"quadrature"`` uses the proposal's deterministic lattice rule (folded over ``+-eps``, with the
+symmetrised weights ``(h(xi) + h(-xi)) / 2``, which have the same ``E_p[. cos]``), built for
+offsets ``|Delta| <= quadrature_range / (2 pi s)``.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import FourierRPE, _check_positive_ints
+from .frequencies import QUADRATURE_RANGE, check_frequencies, check_range, lattice_rule, normal
 
 #: half-width of the quadrature grid in units of ``s`` (Gaussian tail ``exp(-32) ~ 1e-14``)
 QUADRATURE_HALF_WIDTH = 8.0
@@ -96,6 +103,9 @@ class SpectralMLPRPE(FourierRPE):
             density of ``exp(-|Delta|^2 / 2)``).
         quadrature_nodes: nodes per axis of the ``closed_form`` grid (default by ``p``:
             1024, 160, 64).
+        frequencies: ``"mc"`` (default), ``"qmc"`` or ``"quadrature"`` (module docstring).
+        quadrature_range: offsets ``|Delta| <= quadrature_range / (2 pi s)`` (position units)
+            the lattice rule is optimised for (default 3.0; ``"quadrature"`` only).
 
     Shapes:
         ``spectrum()`` -> ``xi [h, m, p]``, ``weight [h, m]``;
@@ -113,6 +123,8 @@ class SpectralMLPRPE(FourierRPE):
         positive: bool = True,
         proposal_scale: float = 1 / (2 * math.pi),
         quadrature_nodes: int | None = None,
+        frequencies: str = "mc",
+        quadrature_range: float = QUADRATURE_RANGE,
     ) -> None:
         super().__init__(pos_dim, num_heads, num_frequencies)
         if pos_dim > 3:
@@ -130,6 +142,10 @@ class SpectralMLPRPE(FourierRPE):
         self.positive = positive
         self.proposal_scale = float(proposal_scale)
         self.quadrature_nodes = quadrature_nodes
+        self.frequencies = check_frequencies(frequencies)
+        self.quadrature_range = check_range(quadrature_range)
+        if self.frequencies == "quadrature":
+            self.rule = lattice_rule(pos_dim, num_frequencies, "gaussian", self.quadrature_range)
         sizes = [pos_dim] + [hidden_dim] * num_layers + [1]
         self.weights = nn.ParameterList(
             nn.Parameter(torch.empty(num_heads, fan_in, fan_out))
@@ -139,6 +155,7 @@ class SpectralMLPRPE(FourierRPE):
             nn.Parameter(torch.empty(num_heads, fan_out)) for fan_out in sizes[1:]
         )
         self.register_buffer("base_noise", torch.empty(num_heads, num_frequencies, pos_dim))
+        self.register_buffer("base_weights", torch.ones(num_heads, num_frequencies), False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -158,7 +175,13 @@ class SpectralMLPRPE(FourierRPE):
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
-        eps = torch.randn(self.base_noise.shape, generator=generator, dtype=torch.float64)
+        """New ``eps`` (``"mc"``, ``"qmc"``); the fixed rule (``"quadrature"``)."""
+        if self.frequencies == "quadrature":
+            eps = self.rule.nodes.expand(self.num_heads, -1, -1)
+            weights = self.num_frequencies * self.rule.weights.expand(self.num_heads, -1)
+            self.base_weights.copy_(weights)
+        else:
+            eps = normal(tuple(self.base_noise.shape), self.frequencies, generator)
         self.base_noise.copy_(eps)
 
     @property
@@ -191,6 +214,9 @@ class SpectralMLPRPE(FourierRPE):
 
     def spectrum(self) -> tuple[Tensor, Tensor]:
         xi = self.proposal_scale * self.base_noise
+        if self.frequencies == "quadrature":  # folded rule: the even part of h
+            ratio = (self.density_ratio(xi) + self.density_ratio(-xi)) / 2
+            return xi, ratio * self.base_weights.to(ratio)
         return xi, self.density_ratio(xi)
 
     def quadrature(

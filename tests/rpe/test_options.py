@@ -24,7 +24,10 @@ def test_unknown_option_suggests_the_closest_and_lists_the_rest():
     assert "bad option for rpe 'flt-kernel'" in message
     assert "ShiftInvariantKernelRPE (rpe 'flt-kernel') has no option 'lenghtscale'" in message
     assert "did you mean 'lengthscale'?" in message
-    assert "(its options: amplitude, kernel, lengthscale, num_frequencies, orthogonal)" in message
+    assert (
+        "(its options: amplitude, frequencies, kernel, lengthscale, num_frequencies, "
+        "orthogonal, quadrature_range)"
+    ) in message
     problem = unknown_option("toeplitz-fft", "zzz")
     assert "did you mean" not in problem and "its options: max_offset" in problem
     with pytest.raises(ValueError, match="unknown rpe 'nope'"):
