@@ -23,7 +23,7 @@ from ..ops.checks import (
 )
 from ..ops.exact import feature_attention, kernel_matrix, masked_kernel_attention
 from ..ops.linear import NORMALIZATIONS, linear_attention
-from ..ops.modes import Featurizer, MaskMode
+from ..ops.modes import Featurizer, MaskMode, calibrate_featurizer
 from ..rpe import REGISTRY, RPE, build
 
 MODES = ("logit", "mask")
@@ -36,7 +36,8 @@ class RPEAttention(nn.Module):
 
     * ``mode="logit"`` (default): ``out_i = sum_j exp(q_i.k_j/sqrt(d) + f(r_i - r_j)) v_j / Z_i``,
       the biased softmax of Graphormer-style models, estimated by positive random features
-      of ``[q/d^1/4, psi_q(r)]`` and ``[k/d^1/4, psi_k(r)]``. Needs ``kernel="favor+"``.
+      of ``[q/d^1/4, psi_q(r)]`` and ``[k/d^1/4, psi_k(r)]``. Needs ``kernel="favor+"`` or
+      ``"favor++"``.
       Initialise the RPE amplitude at 0 for a neutral (f = 0) start.
     * ``mode="mask"``: ``out_i = sum_j K(q_i, k_j) f(r_i - r_j) v_j / Z_i`` with any kernel
       feature map, estimated with the row-wise Kronecker product of kernel and RPE
@@ -52,9 +53,15 @@ class RPEAttention(nn.Module):
         pos_dim: position dimension ``p`` (needed with an RPE name; 1 sequences, 2 image
             grids, 3 atoms and points).
         mode: ``"logit"`` or ``"mask"``.
-        kernel: ``"favor+"`` (softmax kernel), ``"relu"``, ``"elu"``, ``"identity"``, or a
-            :class:`~geolinrpe.features.FeatureMap` on ``d`` inputs (``d + 2m`` in logit mode).
-        num_features: random features for ``"favor+"`` (default 64).
+        kernel: ``"favor+"`` (softmax kernel), ``"favor++"`` (softmax kernel, positive
+            features with a variance-optimal parameter ``A``:
+            :class:`~geolinrpe.features.GERFFeatures`), ``"relu"``, ``"elu"``,
+            ``"identity"``, or a :class:`~geolinrpe.features.FeatureMap` on ``d`` inputs
+            (``d + 2m`` in logit mode). An adaptive ``"favor++"`` map is calibrated on the
+            feature-map inputs of the valid tokens in every training-mode forward (before
+            the engine runs; after it when ``causal``, so that no token's output depends on
+            later tokens); eval mode never changes it.
+        num_features: random features for ``"favor+"`` and ``"favor++"`` (default 64).
         causal: token i attends to ``j <= i`` (sequence order within each graph).
         normalize: ``"masked"``, ``"kernel"`` or ``"none"``; default ``"masked"`` in logit
             mode (the softmax) and ``"kernel"`` in mask mode (safe with signed RPE estimates;
@@ -114,7 +121,7 @@ class RPEAttention(nn.Module):
             options = dict(rpe_options or {})
             if "dim" in inspect.signature(REGISTRY.get(rpe, RPE)).parameters:
                 # families acting on vectors: the head dim (logit) or the kernel features (mask)
-                elementwise = isinstance(kernel, str) and kernel != "favor+"
+                elementwise = isinstance(kernel, str) and kernel not in ("favor+", "favor++")
                 head_dim = embed_dim // num_heads
                 features = head_dim if mode == "logit" or elementwise else num_features
                 options.setdefault(
@@ -166,7 +173,9 @@ class RPEAttention(nn.Module):
         if kernel.input_dim != input_dim:
             raise ValueError(f"kernel has input_dim={kernel.input_dim}, expected {input_dim}")
         if logit and not isinstance(kernel, PositiveRandomFeatures):
-            raise ValueError("mode='logit' needs kernel='favor+' (it estimates a softmax)")
+            raise ValueError(
+                "mode='logit' needs kernel='favor+' or 'favor++' (it estimates a softmax)"
+            )
         self.feature_map = kernel
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
@@ -280,13 +289,20 @@ class RPEAttention(nn.Module):
         if prepared is None:  # no tokens: an empty output of the right shape
             return self.out(x)
         q, k, v, pos, batch = prepared
+        featurizer = self.featurizer
+        calibrate = self.training and getattr(self.feature_map, "adaptive", False)
+        if calibrate:  # FAVOR++: A stays fixed while the engine runs
+            valid = None if key_padding_mask is None else ~key_padding_mask.unsqueeze(-1)
+            if not self.causal:
+                with torch.no_grad():
+                    calibrate_featurizer(featurizer, q, k, pos, valid)
         attend = linear_attention if self.rpe is None else self.rpe.attend
         out = attend(
             q,
             k,
             v,
             pos,
-            featurizer=self.featurizer,
+            featurizer=featurizer,
             key_padding_mask=key_padding_mask,
             batch=batch,
             causal=self.causal,
@@ -294,6 +310,9 @@ class RPEAttention(nn.Module):
             chunk_size=self.chunk_size,
             check_finite=False,
         )
+        if calibrate and self.causal:  # later tokens must not change earlier outputs
+            with torch.no_grad():
+                calibrate_featurizer(featurizer, q, k, pos, valid)
         return self.out(out.flatten(-2))
 
     def reference(

@@ -18,7 +18,10 @@ m RPE features (``2 x`` frequencies).
 
 A mode is a *featurizer*: ``query(q, pos)`` and ``key(k, pos)`` return
 :class:`TokenFeatures` for any slice of tokens, so the engine can compute features chunk
-by chunk and keep memory O(n (d + m)).
+by chunk and keep memory O(n (d + m)). ``calibrate(q, k, pos, valid)`` passes the feature
+map's inputs to an adaptive map's ``calibrate`` (FAVOR++,
+:class:`~geolinrpe.features.GERFFeatures`); :func:`calibrate_featurizer` does it for any
+featurizer.
 """
 
 from __future__ import annotations
@@ -94,13 +97,23 @@ class MaskMode:
     def key(self, k: Tensor, pos: Tensor | None) -> TokenFeatures:
         return self._features(k, pos, query=False)
 
+    @torch.no_grad()
+    def calibrate(
+        self, q: Tensor, k: Tensor, pos: Tensor | None, valid: Tensor | None = None
+    ) -> None:
+        """Calibrate an adaptive feature map on ``q * input_scale`` and ``k * input_scale``
+        (``valid`` broadcastable to ``q.shape[:-1]``; no-op for other maps)."""
+        calibrate = getattr(self.feature_map, "calibrate", None)
+        if calibrate is not None:
+            calibrate(q * self.input_scale, k * self.input_scale, valid)
+
 
 class LogitMode:
     """Positive random features of ``[q / d^1/4, psi_q(r)]`` and ``[k / d^1/4, psi_k(r)]``.
 
     Args:
-        feature_map: :class:`~geolinrpe.features.PositiveRandomFeatures` with
-            ``input_dim = d + rpe.num_features``.
+        feature_map: :class:`~geolinrpe.features.PositiveRandomFeatures` (or its subclass
+            :class:`~geolinrpe.features.GERFFeatures`) with ``input_dim = d + rpe.num_features``.
         rpe: the :class:`~geolinrpe.rpe.FourierRPE` whose estimate becomes the logit bias.
         input_scale: factor on q and k (``d**-0.25``).
     """
@@ -111,7 +124,8 @@ class LogitMode:
     def __init__(self, feature_map: FeatureMap, rpe: FourierRPE, input_scale: float) -> None:
         if not isinstance(feature_map, PositiveRandomFeatures):
             raise ValueError(
-                "logit mode estimates exp(q.k/sqrt(d) + f) and needs kernel='favor+' "
+                "logit mode estimates exp(q.k/sqrt(d) + f) and needs kernel='favor+' or "
+                "'favor++' "
                 f"(positive random features), got {type(feature_map).__name__}"
             )
         self.feature_map = feature_map
@@ -133,3 +147,64 @@ class LogitMode:
 
     def key(self, k: Tensor, pos: Tensor) -> TokenFeatures:
         return self._features(k, pos, query=False)
+
+    @torch.no_grad()
+    def calibrate(self, q: Tensor, k: Tensor, pos: Tensor, valid: Tensor | None = None) -> None:
+        """Calibrate an adaptive feature map on the joint vectors ``[q / d^1/4, psi_q(r)]``
+        and ``[k / d^1/4, psi_k(r)]`` of all tokens (``valid`` broadcastable to
+        ``q.shape[:-1]``; no-op for other maps)."""
+        calibrate = getattr(self.feature_map, "calibrate", None)
+        if calibrate is None:
+            return
+        psi_q = self.rpe.query_features(pos, split="symmetric").to(q.dtype)
+        psi_k = self.rpe.key_features(pos, split="symmetric").to(k.dtype)
+        calibrate(
+            torch.cat([q * self.input_scale, psi_q], dim=-1),
+            torch.cat([k * self.input_scale, psi_k], dim=-1),
+            valid,
+        )
+
+
+class _Captured(Exception):
+    """Raised by :func:`calibrate_featurizer`'s hook once it holds the map's input."""
+
+    def __init__(self, value: Tensor) -> None:
+        super().__init__()
+        self.value = value
+
+
+def _raise_captured(module, args):
+    raise _Captured(args[0])
+
+
+@torch.no_grad()
+def calibrate_featurizer(
+    featurizer: Featurizer, q: Tensor, k: Tensor, pos: Tensor | None, valid: Tensor | None = None
+) -> None:
+    """Calibrate ``featurizer.feature_map`` (if it has ``calibrate``) on what it receives.
+
+    Featurizers with a ``calibrate`` method (:class:`MaskMode`, :class:`LogitMode`) do it
+    themselves. For any other featurizer (SPE, rotary encodings, ...) a forward pre-hook
+    catches the feature map's input in ``featurizer.query(q, pos)`` and
+    ``featurizer.key(k, pos)`` and stops before the features are computed.
+    """
+    feature_map = getattr(featurizer, "feature_map", None)
+    if getattr(feature_map, "calibrate", None) is None:
+        return
+    own = getattr(featurizer, "calibrate", None)
+    if own is not None:
+        own(q, k, pos, valid)
+        return
+    inputs = []
+    handle = feature_map.register_forward_pre_hook(_raise_captured)
+    try:
+        for call, t in ((featurizer.query, q), (featurizer.key, k)):
+            try:
+                call(t, pos)
+            except _Captured as captured:
+                inputs.append(captured.value)
+            else:  # pragma: no cover - a featurizer that never calls its feature map
+                return
+    finally:
+        handle.remove()
+    feature_map.calibrate(inputs[0], inputs[1], valid)

@@ -165,7 +165,7 @@ class ModelConfig:
     rpe: str | None = "flt-kernel"
     rpe_options: dict[str, Any] = field(default_factory=dict)
     mode: Literal["logit", "mask"] = "logit"
-    kernel: Literal["favor+", "relu", "elu", "identity"] = "favor+"
+    kernel: Literal["favor+", "favor++", "relu", "elu", "identity"] = "favor+"
     num_features: int = 64
     attention: Literal["linear", "exact"] = "linear"
     options: dict[str, Any] = field(default_factory=dict)
@@ -230,6 +230,12 @@ class TrainConfig:
         save_every: also write ``last.pt`` every this many steps (``None``: only at
             evaluations and when training stops).
         log_every: write the running training loss to ``metrics.csv`` every this many steps.
+        redraw_every: draw new random features (the ``favor+`` kernel's projections, the
+            RPE's random frequencies or noise) every this many optimizer steps: before step
+            ``s`` (0-based) when ``s > 0`` and ``s % redraw_every == 0``, from a generator
+            seeded by ``(seed, s)``, so every process draws the same features and a resumed
+            run draws as an uninterrupted one (``None``: never; drawn once when the model is
+            built).
         monitor: the validation metric for ``best.pt``, early stopping and ``plateau``
             (``None``: the task's main metric, e.g. ``mae``, ``accuracy``, ``perplexity``).
         early_stopping_patience: stop after this many evaluations without improvement of
@@ -266,6 +272,7 @@ class TrainConfig:
     eval_every: int | None = None
     save_every: int | None = None
     log_every: int = 10
+    redraw_every: int | None = None
     monitor: str | None = None
     early_stopping_patience: int | None = None
     loss: Literal["l1", "mse", "huber"] = "l1"
@@ -299,6 +306,7 @@ _POSITIVE = {
     "train.eval_every",
     "train.save_every",
     "train.log_every",
+    "train.redraw_every",
     "train.early_stopping_patience",
     "train.num_threads",
     "optim.lr",

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from geolinrpe import RPEAttention
+from geolinrpe.features import GERFFeatures
 from geolinrpe.nn.attention import _center
 from geolinrpe.nn.block import RPETransformerEncoder
 from geolinrpe.nn.exact import ExactRPEAttention
@@ -222,6 +223,101 @@ def test_state_dict_round_trip_keeps_the_draws_and_redraw_changes_them():
     first = clone(x, pos)
     clone.redraw(torch.Generator().manual_seed(5))
     torch.testing.assert_close(clone(x, pos), first, atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------- FAVOR++
+
+
+@pytest.mark.parametrize("mode", ["logit", "mask"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_favor_pp_calibrated_layer_equals_explicit_reference(mode, causal):
+    """A training-mode forward calibrates rho (padding excluded); the layer then equals its
+    explicit-feature reference, dense and packed; eval mode leaves rho alone."""
+    attn = layer(mode=mode, causal=causal, kernel="favor++")
+    fm = attn.feature_map
+    assert fm.adaptive and not fm.calibrated and fm.A.item() == 0
+    x, pos = torch.randn(2, 30, 120, dtype=D64), torch.randn(2, 30, 3, dtype=D64)
+    mask = torch.zeros(2, 30, dtype=torch.bool)
+    mask[1, 11:] = True
+    attn.train()
+    fast = attn(x, pos, key_padding_mask=mask)
+    assert fm.calibrated and fm.A.item() < -0.01
+    if not causal:  # calibrated before the engine: the reference uses the same A
+        torch.testing.assert_close(
+            fast, attn.reference(x, pos, key_padding_mask=mask), atol=1e-10, rtol=1e-10
+        )
+    # padded tokens do not enter rho: garbage there gives the same statistic
+    twin = layer(mode=mode, causal=causal, kernel="favor++")
+    twin.load_state_dict({**attn.state_dict(), "feature_map.calibrated": torch.tensor(False)})
+    noisy_x, noisy_pos = x.clone(), pos.clone()
+    noisy_x[1, 11:] = 1e3
+    noisy_pos[1, 11:] = -50.0
+    twin.train()(noisy_x, noisy_pos, key_padding_mask=mask)
+    torch.testing.assert_close(twin.feature_map.rho, fm.rho, atol=1e-13, rtol=1e-13)
+    attn.eval()
+    rho = fm.rho.clone()
+    torch.testing.assert_close(
+        attn(x, pos, key_padding_mask=mask),
+        attn.reference(x, pos, key_padding_mask=mask),
+        atol=1e-10,
+        rtol=1e-10,
+    )
+    xp, pp, batch = packed_batch([17, 5, 1])
+    torch.testing.assert_close(
+        attn(xp, pp, batch), attn.reference(xp, pp, batch), atol=1e-10, rtol=1e-10
+    )
+    assert_padding_consistent(attn, xp, pp, batch, atol=1e-10, rtol=1e-10)
+    assert torch.equal(fm.rho, rho)  # eval mode never calibrates
+
+
+def test_favor_pp_training_mode_padding_consistency_and_causality():
+    """Bidirectional: dense (padding excluded) and packed calibrate to the same rho, so the
+    training-mode outputs agree. Causal: calibration happens after the engine, so later
+    tokens never change earlier outputs, even in training mode."""
+    attn = layer(mode="mask", kernel="favor++").train()
+    x, pos, batch = packed_batch([7, 1, 12, 3])
+    assert_padding_consistent(attn, x, pos, batch, atol=1e-10, rtol=1e-10)
+    causal = layer(mode="logit", causal=True, kernel="favor++").train()
+    x, pos = torch.randn(1, 20, 120, dtype=D64), torch.randn(1, 20, 3, dtype=D64)
+    causal(x * 2, pos)  # calibrate once
+    state = {name: t.clone() for name, t in causal.state_dict().items()}
+    base = causal(x, pos)
+    assert not torch.equal(causal.feature_map.rho, state["feature_map.rho"])  # updated after
+    causal.load_state_dict(state)
+    x2, pos2 = x.clone(), pos.clone()
+    x2[:, 12:] += 5
+    pos2[:, 12:] += 5
+    torch.testing.assert_close(causal(x2, pos2)[:, :12], base[:, :12], atol=1e-12, rtol=1e-12)
+
+
+def test_favor_pp_state_dict_redraw_and_other_featurizers():
+    attn = layer(mode="logit", kernel="favor++")
+    x, pos = torch.randn(1, 10, 120, dtype=D64), torch.randn(1, 10, 3, dtype=D64)
+    attn.train()(x, pos)
+    out = attn.eval()(x, pos)
+    clone = layer(mode="logit", kernel="favor++").eval()
+    clone.load_state_dict(attn.state_dict())
+    assert torch.equal(clone.feature_map.rho, attn.feature_map.rho)
+    torch.testing.assert_close(clone(x, pos), out, atol=0, rtol=0)
+    clone.redraw()
+    assert not torch.allclose(clone(x, pos), out)
+    assert torch.equal(clone.feature_map.rho, attn.feature_map.rho)
+    # featurizers of other RPE families are calibrated through a hook on the feature map
+    steps = pos[..., :1] * 5
+    for kw in (dict(rpe="rope", mode="logit"), dict(rpe="spe-sine", mode="mask")):
+        other = layer(kernel="favor++", pos_dim=1, **kw).train()
+        other(x, steps)
+        assert other.feature_map.calibrated and other.feature_map.A.item() < -0.01, kw
+        if kw["rpe"] == "rope":  # the map's inputs there: rotated q and k, times d^-1/4
+            q, k, _, steps_enc, _ = other._prepare(x, steps, None, None, None)
+            direct = GERFFeatures(60, 32).double()
+            rotate = other.rpe.transform
+            direct.calibrate(rotate(q, steps_enc) * 60**-0.25, rotate(k, steps_enc) * 60**-0.25)
+            torch.testing.assert_close(other.feature_map.rho, direct.rho, atol=1e-13, rtol=1e-13)
+        other.eval()
+        torch.testing.assert_close(
+            other(x, steps), other.reference(x, steps), atol=1e-10, rtol=1e-10
+        )
 
 
 # ---------------------------------------------------------------- bad input
