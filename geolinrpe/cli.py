@@ -288,7 +288,9 @@ def _plot(args: argparse.Namespace) -> int:
     for name in ("best.pt", "last.pt"):
         if (run_dir / name).is_file():
             for path in plot_rpe_profiles(
-                load_checkpoint(run_dir / name, "cpu").model, run_dir / "rpe"
+                load_checkpoint(run_dir / name, "cpu").model,
+                run_dir / "rpe",
+                None if task is None else task.position_unit,
             ):
                 print(f"wrote {path}")
             break

@@ -125,6 +125,7 @@ class Task:
     higher_is_better: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = False  # the forward pass differentiates (forces)
     accepts_structures: ClassVar[bool] = False  # predict from SMILES or structure files
+    position_unit: ClassVar[str | None] = None  # unit of the positions (RPE plot axes)
 
     def __init__(self, cfg: Config, state: dict[str, Any] | None = None) -> None:
         self.cfg = cfg
@@ -265,6 +266,8 @@ class QM9Task(Task):
     (the target's unit for one target; for several, the mean of ``MAE / std``), ``mae_<name>``
     per target when there are several, and ``loss``.
     """
+
+    position_unit = "Å"
 
     name = "qm9"
     main_metric = "mae"
@@ -469,6 +472,8 @@ class _OC20Task(Task):
     split of ``data.path``. ``data.options.make_synthetic: n`` first writes ``n`` simulated
     systems (:func:`geolinrpe.data.oc20.make_synthetic`: EMT slab + adsorbate relaxations) to
     ``data.path`` when it does not exist."""
+
+    position_unit = "Å"
 
     accepts_structures = True
     oc20_task: ClassVar[str]
@@ -747,6 +752,8 @@ class PatchTask(ClassificationTask):
     the patches' (row, column)). ``data.options.patch_size`` (default 2); a seeded random
     split of the 1,797 images (``valid_size``/``test_size`` default 10 % each)."""
 
+    position_unit = "patches"
+
     name = "patch"
 
     def datasets(self) -> dict[str, Dataset | None]:
@@ -821,6 +828,8 @@ class SequenceTask(Task):
     (default 64); the last ``valid_size`` and ``test_size`` windows (default 5 % each) are
     the validation and test splits. Metrics ``perplexity`` (per character) and ``loss``
     (nats per character)."""
+
+    position_unit = "tokens"
 
     name = "sequence"
     main_metric = "perplexity"

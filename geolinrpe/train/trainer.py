@@ -40,6 +40,14 @@ schedule, gradient scaler, the torch/CUDA/numpy/random RNG states and the positi
 (epoch, batch in epoch, step), so ``train.resume`` after an interruption continues with the
 same batches and random draws: the weights equal those of an uninterrupted run.
 
+Redrawing random features (``train.redraw_every: k``). Before optimizer step ``s`` (0-based,
+the trainer's step count) with ``s > 0`` and ``s % k == 0``, every random feature map and RPE
+of the model draws new features (:func:`redraw_random_features`) from a fresh CPU generator
+seeded by ``(train.seed, s)`` (:func:`redraw_generator`). Every process draws the same
+features without communicating; the draws are buffers, saved in checkpoints, so a resumed
+run holds and redraws exactly what an uninterrupted run does; the global RNG is not touched
+(data order and dropout are unchanged).
+
 Distributed runs (``torchrun --nproc_per_node P -m geolinrpe.cli train cfg.yaml``, or one
 plain ``python -m geolinrpe.cli train cfg.yaml`` per task under SLURM's ``srun``):
 ``data.batch_size`` is the global batch, each process takes ``batch_size / P`` of every
@@ -105,6 +113,8 @@ __all__ = [
     "plot_learning_curve",
     "plot_rpe_profiles",
     "predict",
+    "redraw_generator",
+    "redraw_random_features",
     "run",
 ]
 
@@ -272,6 +282,34 @@ _REQUIRED_TASK_KWARGS = {
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def redraw_generator(seed: int, step: int) -> torch.Generator:
+    """A fresh CPU generator for the redraw before optimizer step ``step`` of a run seeded
+    with ``seed`` (``train.seed``): seeded with ``seed * 1_000_003 + step`` masked to 63
+    bits, the same on every process and in a resumed run."""
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + step) & (2**63 - 1))
+
+
+def redraw_random_features(model: nn.Module, generator: torch.Generator) -> list[str]:
+    """Draw new random features in every kernel feature map
+    (:class:`~geolinrpe.features.FeatureMap`) and RPE (:class:`~geolinrpe.rpe.RPE`) of
+    ``model`` (unwrapped from DistributedDataParallel), each once, in module order, all from
+    ``generator``; a feature map or RPE inside one already redrawn is left to it. Returns
+    the names of the modules redrawn (deterministic ones included: their ``redraw`` is a
+    no-op). The global RNG is not used."""
+    from ..features import FeatureMap
+    from ..rpe import RPE
+
+    redrawn: list[str] = []
+    for name, module in _unwrap(model).named_modules():
+        if not isinstance(module, (FeatureMap, RPE)):
+            continue
+        if any(done == "" or name.startswith(done + ".") for done in redrawn):
+            continue  # its ancestor's redraw covers it
+        module.redraw(generator)
+        redrawn.append(name)
+    return redrawn
 
 
 def _autocast(device: torch.device, precision: str):
@@ -486,10 +524,11 @@ def plot_learning_curve(csv_path: str | Path, png_path: str | Path, task: Task |
     return png_path
 
 
-def plot_rpe_profiles(model: nn.Module, folder: str | Path) -> list[Path]:
+def plot_rpe_profiles(model: nn.Module, folder: str | Path, unit: str | None = None) -> list[Path]:
     """Save ``f`` of every RPE with a closed form ``f(Delta)`` (a
     :class:`~geolinrpe.rpe.FourierRPE` that :func:`geolinrpe.rpe.plot` can draw) in the
-    model as ``folder/<module name>.png``; returns the paths.
+    model as ``folder/<module name>.png``, titled with the module name (its layer), axes in
+    ``unit`` (the task's :attr:`~geolinrpe.train.tasks.Task.position_unit`); returns the paths.
 
     Lattice-periodic RPEs (``flt-periodic``), whose ``f`` depends on each structure's cell,
     have no single profile: they are skipped with one line for the whole model. Another RPE
@@ -506,7 +545,8 @@ def plot_rpe_profiles(model: nn.Module, folder: str | Path) -> list[Path]:
         if not isinstance(module, FourierRPE):
             continue
         try:
-            paths.append(plot_rpe(module, Path(folder) / f"{name or 'rpe'}.png"))
+            path = Path(folder) / f"{name or 'rpe'}.png"
+            paths.append(plot_rpe(module, path, unit=unit, title=name or None))
         except (ValueError, RuntimeError, NotImplementedError) as err:
             _say(f"no RPE profile for {name} ({type(module).__name__}): {err}")
     if periodic:
@@ -790,6 +830,21 @@ class _Trainer:
         )
 
     # --------------------------------------------------------------------------- steps
+    def _redraw(self) -> bool:
+        """``train.redraw_every``: before the forward of optimizer step ``s = self.step``
+        (0-based), when ``s > 0`` and ``s % redraw_every == 0``, redraw every random feature
+        of the model (:func:`redraw_random_features`) from :func:`redraw_generator`
+        ``(train.seed, s)``. Every process draws the same features without communicating.
+        The draws are buffers saved in checkpoints, and a checkpoint at step ``s`` is
+        written before this redraw, so a run resumed at any step holds and redraws exactly
+        what the uninterrupted run does. The global RNG is untouched, so the data order and
+        dropout do not change. Returns whether it redrew."""
+        every, s = self.cfg.train.redraw_every, self.step
+        if every is None or s == 0 or s % every:
+            return False
+        redraw_random_features(self.model, redraw_generator(self.cfg.train.seed, s))
+        return True
+
     def _train_step(self, batch: Any, lr: float) -> tuple[Tensor, Tensor | None]:
         """One optimizer step at learning rate ``lr``; returns the loss and the gradient norm
         before clipping (``None`` without ``optim.grad_clip``).
@@ -956,6 +1011,7 @@ class _Trainer:
                 for batch in loader:
                     lr = self.last_lr = self.schedule.lr()
                     mid_step = True  # model/optimizer ahead of the counters until updated
+                    self._redraw()
                     loss, norm = self._train_step(batch, lr)
                     self.step += 1
                     steps_this_run += 1
@@ -1052,7 +1108,7 @@ class _Trainer:
             current = {k: v.detach().clone() for k, v in model.state_dict().items()}
             if self.best_state is not None:
                 model.load_state_dict(self.best_state)
-            plot_rpe_profiles(model, self.out / "rpe")
+            plot_rpe_profiles(model, self.out / "rpe", self.task.position_unit)
             model.load_state_dict(current)
         except Exception as err:  # plots are a by-product: never fail a finished run
             _say(f"plotting failed: {type(err).__name__}: {err}")
