@@ -24,9 +24,10 @@ from ..ops.checks import (
 from ..ops.exact import feature_attention, kernel_matrix, masked_kernel_attention
 from ..ops.linear import NORMALIZATIONS, linear_attention
 from ..ops.modes import Featurizer, MaskMode, calibrate_featurizer
+from ..ops.packing import to_packed, to_padded
 from ..rpe import REGISTRY, RPE, build
 
-MODES = ("logit", "mask")
+MODES = ("logit", "mask", "product")
 
 
 class RPEAttention(nn.Module):
@@ -73,6 +74,13 @@ class RPEAttention(nn.Module):
             not see future positions) or the RPE is periodic (moving an atom by a lattice
             vector moves the centroid by a non-lattice vector, which logit mode would see).
         chunk_size: tokens per chunk in the engine (default: automatic).
+        quadratic_below: graphs (packed) or sequences (dense) of at most this many tokens
+            are computed in the explicit O(n^2) form of the same features
+            (:func:`~geolinrpe.ops.feature_attention`: the same numbers to rounding, cheaper
+            for small n because it never forms the ``r x m x e`` state). ``None``
+            (default): automatic, ``n <= r m' (e + 1) / (r + m')`` with ``m' = max(m, 1)``
+            RPE features, and only while ``b h n^2 <= 2^22`` (eager mode, no autocast, not
+            half precision); ``0``: never.
         bias: bias in the q/k/v and output projections.
         rpe_options: keyword options for :func:`geolinrpe.rpe.build` when ``rpe`` is a name.
 
@@ -104,6 +112,7 @@ class RPEAttention(nn.Module):
         chunk_size: int | None = None,
         bias: bool = True,
         rpe_options: dict | None = None,
+        quadratic_below: int | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -113,6 +122,13 @@ class RPEAttention(nn.Module):
             raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
         if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
             raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        if quadratic_below is not None and (
+            not isinstance(quadratic_below, int) or quadratic_below < 0
+        ):
+            raise ValueError(
+                f"quadratic_below must be a non-negative int or None, got {quadratic_below!r}"
+            )
+        self.quadratic_below = quadratic_below
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(rpe, str):
@@ -296,24 +312,62 @@ class RPEAttention(nn.Module):
             if not self.causal:
                 with torch.no_grad():
                     calibrate_featurizer(featurizer, q, k, pos, valid)
-        attend = linear_attention if self.rpe is None else self.rpe.attend
-        out = attend(
-            q,
-            k,
-            v,
-            pos,
-            featurizer=featurizer,
-            key_padding_mask=key_padding_mask,
-            batch=batch,
-            causal=self.causal,
-            normalize=self.normalize,
-            chunk_size=self.chunk_size,
-            check_finite=False,
-        )
+        layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=self.causal)
+        if self._quadratic(q, v, featurizer, batch, key_padding_mask):
+            out = self._explicit(q, k, v, pos, featurizer, **layout)
+        else:
+            attend = linear_attention if self.rpe is None else self.rpe.attend
+            out = attend(
+                q,
+                k,
+                v,
+                pos,
+                featurizer=featurizer,
+                normalize=self.normalize,
+                chunk_size=self.chunk_size,
+                check_finite=False,
+                **layout,
+            )
         if calibrate and self.causal:  # later tokens must not change earlier outputs
             with torch.no_grad():
                 calibrate_featurizer(featurizer, q, k, pos, valid)
         return self.out(out.flatten(-2))
+
+    def _quadratic(self, q, v, featurizer, batch, key_padding_mask) -> bool:
+        """Whether ``quadratic_below`` sends this input to the explicit O(n^2) form."""
+        if self.rpe is not None and not self.rpe.uses_engine:
+            return False
+        if torch.compiler.is_compiling() or not eager_checks():
+            return False
+        low = q.dtype in (torch.float16, torch.bfloat16)
+        if low or torch.is_autocast_enabled(q.device.type):  # the engine accumulates in fp32
+            return False
+        if batch is not None:  # the largest graph
+            counts = torch.bincount(batch)
+            n, rows = int(counts.max()), counts.numel()
+        else:
+            n, rows = q.shape[1], q.shape[0]
+        limit = self.quadratic_below
+        if limit is None:
+            r, m, e = featurizer.num_features, max(featurizer.num_rpe_features, 1), v.shape[-1]
+            limit = r * m * (e + 1) // (r + m)
+            if rows * self.num_heads * n * n > 2**22:
+                return False
+        return n <= limit
+
+    def _explicit(self, q, k, v, pos, featurizer, key_padding_mask, batch, causal) -> Tensor:
+        """:func:`~geolinrpe.ops.feature_attention` per graph (packed input is padded to its
+        largest graph, so no graph sees another and the cost is ``g n_max^2``)."""
+        explicit = dict(featurizer=featurizer, normalize=self.normalize, causal=causal)
+        if batch is None:
+            return feature_attention(q, k, v, pos, key_padding_mask=key_padding_mask, **explicit)
+        mask = to_padded(q[:, 0, :1], batch)[1]
+        q_d, k_d, v_d = (
+            to_padded(t.flatten(1), batch)[0].unflatten(-1, t.shape[1:]) for t in (q, k, v)
+        )
+        pos_d = None if pos is None else to_padded(pos, batch)[0]
+        out = feature_attention(q_d, k_d, v_d, pos_d, key_padding_mask=mask, **explicit)
+        return to_packed(out.flatten(2), mask)[0].unflatten(-1, v.shape[1:])
 
     def reference(
         self,

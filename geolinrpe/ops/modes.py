@@ -108,6 +108,26 @@ class MaskMode:
             calibrate(q * self.input_scale, k * self.input_scale, valid)
 
 
+class ProductMode(MaskMode):
+    """Kernel features ``phi(q * input_scale)`` times the deterministic mask ``exp(f)``.
+
+    ``exp(q . k / sqrt(d) + f(Delta)) = exp(q . k / sqrt(d)) exp(f(Delta))``: the biased softmax
+    of logit mode, factorised. The kernel features (FAVOR+ / FAVOR++ on ``d`` inputs) estimate
+    the first factor, and the RPE's features with the weights of its ``exp_spectrum`` (a
+    quadrature rule for the Fourier transform of ``exp(f) - 1``, plus 1 at the zero
+    frequency) the second. Same engine as :class:`MaskMode`, with the ``"masked"``
+    normalisation (the softmax denominator).
+    """
+
+    def _features(self, x: Tensor, pos: Tensor | None, query: bool) -> TokenFeatures:
+        phi, log_scale = self.feature_map(x * self.input_scale)
+        if query:
+            psi = self.rpe.query_features(pos, split="exp")
+        else:
+            psi = self.rpe.key_features(pos, split="exp")
+        return TokenFeatures(phi, log_scale, psi.to(phi.dtype))
+
+
 class LogitMode:
     """Positive random features of ``[q / d^1/4, psi_q(r)]`` and ``[k / d^1/4, psi_k(r)]``.
 

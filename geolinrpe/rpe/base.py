@@ -18,8 +18,11 @@ head, drawn from a proposal ``p``, and importance weights ``a = g(xi) / p(xi)``.
 * ``split="symmetric"`` (logit mode): ``psi_q = m^-1/2 a t^-1 [c, s]``,
   ``psi_k = m^-1/2 t [c, s]`` with ``t = (a^2 + delta^2)^(1/4)`` (``delta = 0.01``)
 
-both give ``psi_q(r_i) . psi_k(r_j) = m^-1 sum_l a_l cos(2 pi xi_l . (r_i - r_j))``, an
-unbiased estimate of ``Re f(r_i - r_j)`` that depends on ``r_i - r_j`` only, for every
+* ``split="exp"`` (product mode): as ``"query"`` with the weights of :meth:`exp_spectrum`,
+  the deterministic features of the mask ``exp(f)``
+
+The first two give ``psi_q(r_i) . psi_k(r_j) = m^-1 sum_l a_l cos(2 pi xi_l . (r_i - r_j))``,
+an unbiased estimate of ``Re f(r_i - r_j)`` that depends on ``r_i - r_j`` only, for every
 draw. The symmetric split keeps ``|psi_q| ~ |psi_k| ~ sqrt|a|``, which is what the positive
 random features of logit mode need for low variance; the plain ``sign(a) sqrt|a|`` split
 would have an infinite derivative at ``a = 0``, the neutral initialisation, and ``delta``
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from ..features.base import FeatureMap
 from ..ops.exact import kernel_matrix, masked_kernel_attention, softmax_attention
 from ..ops.linear import linear_attention
-from ..ops.modes import Featurizer, LogitMode, MaskMode
+from ..ops.modes import Featurizer, LogitMode, MaskMode, ProductMode
 
 #: softening of the symmetric split, ``t = (a^2 + SPLIT_SOFTENING^2)^(1/4)``
 SPLIT_SOFTENING = 1e-2
@@ -172,10 +175,12 @@ class RPE(nn.Module):
         unpack = (lambda t: t[0]) if packed else (lambda t: t)  # noqa: E731
         layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=causal)
         values = unpack(self.pairwise(dense(pos), exact=rpe == "exact"))
-        if mode == "logit":
+        if mode == "logit" or (mode == "product" and rpe == "exact"):
             if kernel != "exact":
-                raise ValueError("logit mode has no kernel='features' reference with rpe='exact'")
+                raise ValueError(f"{mode} mode has no kernel='features' reference with rpe='exact'")
             return softmax_attention(q, k, v, values, **layout)
+        if mode == "product":  # the mask exp(f) of the current features
+            values = unpack(self.pairwise(dense(pos), exact=False, transform="exp"))
         kmat = unpack(kernel_matrix(featurizer, dense(q), dense(k), exact=kernel == "exact"))
         return masked_kernel_attention(kmat, v, values, normalize=normalize, **layout)
 
@@ -208,10 +213,22 @@ class FourierRPE(RPE):
     def kernel_input_dim(self, head_dim: int, mode: str) -> int:
         return head_dim + self.num_features if mode == "logit" else head_dim
 
+    def normalizations(self, mode: str) -> tuple[str, ...]:
+        """Product mode estimates a softmax: ``"masked"`` only."""
+        return ("masked",) if mode == "product" else super().normalizations(mode)
+
     def featurizer(self, feature_map: FeatureMap, input_scale: float, mode: str) -> Featurizer:
         if mode == "logit":
             return LogitMode(feature_map, self, input_scale)
+        if mode == "product":
+            return ProductMode(feature_map, self, input_scale)
         return MaskMode(feature_map, self, input_scale)
+
+    def exp_spectrum(self) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+        """``(xi [h, m, p], weight [h, m])`` whose estimate ``m^-1 sum_l a_l cos(2 pi xi_l .
+        Delta)`` is the mask ``exp(f(Delta))`` (product mode; families that list it in
+        :attr:`modes`)."""
+        raise NotImplementedError(f"{type(self).__name__} has no product mode")
 
     @property
     def num_features(self) -> int:
@@ -230,51 +247,56 @@ class FourierRPE(RPE):
         """Draw new frequencies."""
         raise NotImplementedError
 
-    def _cos_sin(self, pos: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        xi, weight = self.spectrum()
+    def _cos_sin(self, pos: Tensor, split: str = "query") -> tuple[Tensor, Tensor, Tensor]:
+        xi, weight = self.exp_spectrum() if split == "exp" else self.spectrum()
         phase = 2 * math.pi * torch.einsum("...p,hmp->...hm", pos, xi.to(pos.dtype))
         return torch.cos(phase), torch.sin(phase), weight.to(pos.dtype)
 
     def query_features(self, pos: Tensor, split: str = "query") -> Tensor:
         """``psi_q``: ``pos [..., p]`` -> ``[..., h, 2m]`` (see the module docstring)."""
-        cos, sin, weight = self._cos_sin(pos)
-        if split == "query":
+        cos, sin, weight = self._cos_sin(pos, split)
+        if split in ("query", "exp"):
             factor = weight
         elif split == "symmetric":
             factor = weight / _split_scale(weight)
         else:
-            raise ValueError(f"split must be 'query' or 'symmetric', got {split!r}")
+            raise ValueError(f"split must be 'query', 'symmetric' or 'exp', got {split!r}")
         scale = factor / math.sqrt(self.num_frequencies)
         return torch.cat([cos * scale, sin * scale], dim=-1)
 
     def key_features(self, pos: Tensor, split: str = "query") -> Tensor:
         """``psi_k``: ``pos [..., p]`` -> ``[..., h, 2m]`` (see the module docstring)."""
-        cos, sin, weight = self._cos_sin(pos)
-        if split == "query":
+        cos, sin, weight = self._cos_sin(pos, split)
+        if split in ("query", "exp"):
             scale = torch.ones_like(weight) / math.sqrt(self.num_frequencies)
         elif split == "symmetric":
             scale = _split_scale(weight) / math.sqrt(self.num_frequencies)
         else:
-            raise ValueError(f"split must be 'query' or 'symmetric', got {split!r}")
+            raise ValueError(f"split must be 'query', 'symmetric' or 'exp', got {split!r}")
         return torch.cat([cos * scale, sin * scale], dim=-1)
 
-    def estimate(self, delta: Tensor) -> Tensor:
-        """Monte-Carlo ``f_hat(delta) = m^-1 sum_l a_l cos(2 pi xi_l . delta)``.
-
-        ``delta [..., p]`` -> ``[..., h]``.
+    def estimate(self, delta: Tensor, transform: str | None = None) -> Tensor:
+        """The estimate ``f_hat(delta) = m^-1 sum_l a_l cos(2 pi xi_l . delta)`` with the
+        current frequencies (``transform="exp"``: the product-mode mask ``exp(f)``, weights
+        of :meth:`exp_spectrum`). ``delta [..., p]`` -> ``[..., h]``.
         """
-        xi, weight = self.spectrum()
+        xi, weight = self.exp_spectrum() if transform == "exp" else self.spectrum()
         phase = 2 * math.pi * torch.einsum("...p,hmp->...hm", delta, xi.to(delta.dtype))
         return (torch.cos(phase) * weight.to(delta.dtype)).mean(-1)
 
-    def pairwise(self, pos: Tensor, exact: bool = False) -> Tensor:
+    def pairwise(self, pos: Tensor, exact: bool = False, transform: str | None = None) -> Tensor:
         """Dense ``f(r_i - r_j)`` for references: ``pos [b, n, p]`` -> ``[b, h, i, j]``.
 
-        ``exact=True`` uses :meth:`closed_form`, otherwise the current draw's estimate.
+        ``exact=True`` uses :meth:`closed_form`, otherwise the current draw's estimate;
+        ``transform="exp"`` gives ``exp(f)`` (exact) or the product-mode mask's estimate.
         Costs O(n^2): for tests and baselines only.
         """
         delta = pos.unsqueeze(-2) - pos.unsqueeze(-3)  # [b, i, j, p]
-        values = self.closed_form(delta) if exact else self.estimate(delta)
+        if exact:
+            values = self.closed_form(delta)
+            values = values.exp() if transform == "exp" else values
+        else:
+            values = self.estimate(delta, transform)
         return values.movedim(-1, -3)
 
     def extra_repr(self) -> str:

@@ -135,6 +135,9 @@ class LatticeRule(NamedTuple):
         radius: radius ``E`` of the ball of nodes.
         period: distance ``T`` from the origin to the nearest aliased image of ``f`` (the
             shortest vector of ``2 pi / s`` times the dual lattice).
+        volumes: ``[m]`` float64, the lattice cell's volume ``v s^P`` (doubled for a folded
+            pair; 0 in unused slots): ``weights = volumes * p(nodes)``. A rule for another
+            integrand ``G`` on the same nodes has weights ``volumes * G(nodes)``.
         range: offsets ``|Delta| <= range`` the rule was optimised for.
         error: relative RMS error ``rms(f_hat - k) / rms(k)`` of the rule for its own kernel
             ``k`` on those offsets (see :func:`lattice_rule`).
@@ -142,6 +145,7 @@ class LatticeRule(NamedTuple):
 
     nodes: Tensor
     weights: Tensor
+    volumes: Tensor
     spacing: float
     radius: float
     period: float
@@ -260,9 +264,12 @@ def _lattice_rule_cached(
     padded_weights = torch.zeros(m, dtype=torch.float64)
     padded_nodes[: len(nodes)] = nodes
     padded_weights[: len(nodes)] = weights
+    padded_volumes = torch.zeros(m, dtype=torch.float64)
+    padded_volumes[: len(nodes)] = cell * spacing**pos_dim * pair.to(nodes)
     return LatticeRule(
         padded_nodes,
         padded_weights,
+        padded_volumes,
         spacing,
         spacing * reach,
         2 * math.pi * _dual_shortest(pos_dim) / spacing,
@@ -293,6 +300,37 @@ def lattice_rule(
     if family not in DENSITIES:
         raise ValueError(f"no lattice rule for {family!r}; known: {sorted(DENSITIES)}")
     return _lattice_rule_cached(pos_dim, num_frequencies, family, float(range_), fold)
+
+
+# ------------------------------------------------------------- radial Fourier transforms
+#: radial grid points of :func:`radial_fourier_transform`
+RADIAL_POINTS = 384
+
+
+def radial_fourier_transform(values: Tensor, step: Tensor, kappa: Tensor, pos_dim: int) -> Tensor:
+    r"""Fourier transform ``G(kappa) = int F(|x|) exp(-i kappa . x) d^P x`` of radial functions.
+
+    ``values [..., n]`` holds ``F`` at the radii ``x_j = j step`` (``j = 0 .. n - 1``, ``step
+    [...]`` per leading index; ``F`` is taken as 0 beyond the grid), ``kappa [..., k]`` the
+    wave numbers ``|eps|``. Trapezoidal rule on
+    ``2 int F cos(kappa x) dx`` (1D), ``2 pi int x F J_0(kappa x) dx`` (2D),
+    ``4 pi int x^2 F sin(kappa x) / (kappa x) dx`` (3D). Differentiable in ``values``.
+    Returns ``[..., k]``.
+    """
+    n = values.shape[-1]
+    x = torch.arange(n, dtype=values.dtype, device=values.device) * step[..., None]  # [..., n]
+    trapezoid = torch.ones(n, dtype=values.dtype, device=values.device)
+    trapezoid[0] = trapezoid[-1] = 0.5
+    arg = kappa[..., :, None] * x[..., None, :]  # [..., k, n]
+    if pos_dim == 1:
+        kernel = 2 * torch.cos(arg)
+    elif pos_dim == 2:
+        kernel = 2 * math.pi * x[..., None, :] * torch.special.bessel_j0(arg)
+    elif pos_dim == 3:
+        kernel = 4 * math.pi * x[..., None, :] ** 2 * torch.sinc(arg / math.pi)
+    else:
+        raise ValueError(f"radial transforms are for pos_dim 1, 2 or 3, got {pos_dim}")
+    return (kernel * (trapezoid * values)[..., None, :]).sum(-1) * step[..., None]
 
 
 # ----------------------------------------------------------- standardised spectral densities

@@ -61,11 +61,14 @@ from torch import Tensor, nn
 from ..features.positive_random import gaussian_orthogonal_matrix
 from .base import FourierRPE, per_head
 from .frequencies import (
+    DENSITIES,
     QUADRATURE_RANGE,
+    RADIAL_POINTS,
     check_frequencies,
     check_range,
     gamma_icdf,
     lattice_rule,
+    radial_fourier_transform,
     uniform,
 )
 
@@ -130,6 +133,8 @@ class ShiftInvariantKernelRPE(FourierRPE):
         self.quadrature_range = check_range(quadrature_range)
         if self.frequencies == "quadrature":
             self.rule = lattice_rule(pos_dim, num_frequencies, kernel, self.quadrature_range)
+            if pos_dim <= 3:
+                self.modes = ("logit", "mask", "product")
         self.register_buffer(
             "init_lengthscale", per_head("lengthscale", lengthscale, num_heads, True), False
         )
@@ -183,6 +188,30 @@ class ShiftInvariantKernelRPE(FourierRPE):
     @property
     def lengthscale(self) -> Tensor:
         return self.log_lengthscale.exp()
+
+    def exp_spectrum(self) -> tuple[Tensor, Tensor]:
+        """Product mode (``frequencies="quadrature"``, ``p <= 3``): the rule's nodes with the
+        weights of ``exp(f) = 1 + (exp(f) - 1)``: ``m`` at the zero frequency plus
+        ``m v_l G(eps_l) / (2 pi)^p``, ``G`` the Fourier transform of
+        ``exp(a k(|x|)) - 1`` in lengthscale units (radial transform on ``[0, period / 2]``,
+        :func:`~geolinrpe.rpe.frequencies.radial_fourier_transform`), ``v_l`` the cell
+        volumes. The lengthscale only scales the frequencies."""
+        if "product" not in self.modes:
+            raise ValueError("product mode needs frequencies='quadrature' and pos_dim <= 3")
+        xi, _ = self.spectrum()
+        rule, p, m = self.rule, self.pos_dim, self.num_frequencies
+        amplitude = self.amplitude
+        step = torch.full((self.num_heads,), rule.period / 2 / (RADIAL_POINTS - 1))
+        step = step.to(amplitude)
+        x = torch.arange(RADIAL_POINTS, dtype=amplitude.dtype) * step[0]
+        profile = DENSITIES[self.kernel][1](x, p)  # k(|x|) at l = 1
+        excess = torch.expm1(amplitude[:, None] * profile)  # [h, n]
+        kappa = rule.nodes.norm(dim=-1).to(amplitude).expand(self.num_heads, -1)
+        transform = radial_fourier_transform(excess, step, kappa, p)  # [h, m]
+        weight = m * rule.volumes.to(amplitude) * transform / (2 * math.pi) ** p
+        origin = torch.zeros(m, dtype=amplitude.dtype)
+        origin[0] = m  # the rule's first node is the zero frequency
+        return xi, weight + origin.to(weight.device)
 
     def spectrum(self) -> tuple[Tensor, Tensor]:
         xi = self.base_frequencies / (2 * math.pi * self.lengthscale)[:, None, None]

@@ -87,7 +87,15 @@ from torch import Tensor, nn
 
 from ..ops.packing import to_padded
 from .base import FourierRPE, _check_positive_ints, per_head
-from .frequencies import QUADRATURE_RANGE, check_frequencies, check_range, lattice_rule, uniform
+from .frequencies import (
+    QUADRATURE_RANGE,
+    RADIAL_POINTS,
+    check_frequencies,
+    check_range,
+    lattice_rule,
+    radial_fourier_transform,
+    uniform,
+)
 
 ROTATIONS = ("fixed", "random", "frame")
 #: a PCA axis whose third moment is below ``SKEW_TOLERANCE * variance^(3/2)`` has no sign
@@ -327,6 +335,7 @@ class RadialRPE(FourierRPE):
             volume = num_frequencies * (self.rule.weights / density)[None] / scale**3
             self.register_buffer("quadrature_nodes", nodes.float(), False)
             self.register_buffer("quadrature_weights", volume.float(), False)
+            self.modes = ("logit", "mask", "product")
         # stratification: frequency l samples shell l mod K, stratum l // K of m_k
         component = torch.arange(num_frequencies) % num_components
         counts = torch.bincount(component, minlength=num_components)
@@ -430,6 +439,30 @@ class RadialRPE(FourierRPE):
         allocation = self.num_frequencies / self.stratum_count.to(rho.dtype)
         weight = allocation * amp * 2 * rho**2 / (2 * mu**2 + width**2)
         return xi, weight
+
+    def exp_spectrum(self) -> tuple[Tensor, Tensor]:
+        """Product mode (``frequencies="quadrature"``): the rule's nodes with the weights of
+        ``exp(f) = 1 + (exp(f) - 1)``: ``m`` at the zero frequency plus ``m V G(xi_l)``, ``G``
+        the Fourier transform of ``exp(f(|Delta|)) - 1`` (radial transform of the closed form
+        on ``[0, period l_h / 2]``), ``V`` the cell volumes of :meth:`spectrum`."""
+        if "product" not in self.modes:
+            raise ValueError("product mode needs frequencies='quadrature'")
+        xi, _ = self.spectrum()
+        dtype, h, m = self.shell_radii.dtype, self.num_heads, self.num_frequencies
+        reach = self.rule.period / 2 * self.init_lengthscale.to(dtype)  # [h]
+        step = reach / (RADIAL_POINTS - 1)
+        radii = torch.arange(RADIAL_POINTS, dtype=dtype) * step[:, None]  # [h, n]
+        delta = torch.zeros(h, RADIAL_POINTS, 3, dtype=dtype)
+        delta[..., 0] = radii
+        values = self.closed_form(delta)  # [h, n, h]: every head's f on every head's grid
+        excess = torch.expm1(torch.diagonal(values, dim1=0, dim2=2).T)  # [h, n]
+        nodes = self.quadrature_nodes.to(dtype)
+        kappa = 2 * math.pi * nodes.norm(dim=-1)  # [h, m]
+        transform = radial_fourier_transform(excess, step, kappa, 3)
+        weight = self.quadrature_weights.to(dtype) * transform
+        origin = torch.zeros(m, dtype=dtype)
+        origin[0] = m  # the rule's first node is the zero frequency
+        return xi, weight + origin.to(weight.device)
 
     def closed_form(self, delta: Tensor) -> Tensor:
         dist = torch.linalg.vector_norm(delta, dim=-1)[..., None, None]  # [..., 1, 1]
