@@ -159,3 +159,46 @@ def test_ase_md(tmp_path):
     report = main(args + ["--set", "train.plot=false", *FAST[1:]])
     assert report["relax_steps"] <= 3 and math.isfinite(report["final_energy_ev"])
     assert abs(report["nve_relative_drift"]) < 0.05
+
+
+def test_rpe_accuracy_benchmark(tmp_path, qm9_cache, capsys):
+    """``benchmarks/rpe_accuracy.py --quick`` narrowed to the Gaussian kernel rows, one draw:
+    records for every offset set and frequency set, the tables and the target lines."""
+    report = tmp_path / "rpe.json"
+    args = ["--quick", "--m", "16", "64", "256", "--draws", "1", "--only", "gaussian"]
+    args += ["--qm9-root", str(qm9_cache), "--json", str(report)]
+    records = _load("benchmarks/rpe_accuracy.py").main(args)
+    fourier = [r for r in records if r["table"] == "fourier"]
+    keys = {"family", "pos_dim", "frequencies", "m", "rel_rmse", "offsets", "kernel", "seconds"}
+    assert all(keys <= set(r) for r in fourier)
+    assert {r["offsets"] for r in fourier} == {"gaussian", "ball3", "qm9"}
+    assert {r["pos_dim"] for r in fourier if r["offsets"] == "qm9"} == {3}
+    assert {r["frequencies"] for r in fourier} == {"mc", "qmc", "quadrature"}
+    assert all(math.isfinite(r["rel_rmse"]) and r["rel_rmse"] >= 0 for r in fourier)
+    exact_1d = [r for r in fourier if r["frequencies"] == "quadrature" and r["pos_dim"] == 1]
+    assert all(r["draws"] == 1 and r["rel_rmse"] < 1e-10 for r in exact_1d if r["m"] >= 64)
+    assert {r["table"] for r in records} == {"fourier", "spe", "periodic"}
+    assert len(json.loads(report.read_text())) == len(records)
+    printed = capsys.readouterr().out
+    assert "| family | mc 16 |" in printed and "beyond 3 Å" in printed
+    assert "target flt-kernel gaussian 1D (any frequency set): PASS" in printed
+
+
+def test_attention_accuracy_benchmark(tmp_path, capsys):
+    """``benchmarks/attention_accuracy.py --quick`` on one case and seed: every mode of
+    ``MODES``, both kernels, the r = inf floor and the target lines."""
+    from geolinrpe.nn.attention import MODES
+
+    report = tmp_path / "attention.json"
+    args = ["--quick", "--seeds", "1", "--r", "256", "--cases", "gauss l=2 3D"]
+    records = _load("benchmarks/attention_accuracy.py").main(args + ["--json", str(report)])
+    keys = {"mode", "kernel", "frequencies", "r", "scale", "pos_dim", "rel_error", "rpe", "m"}
+    assert all(keys <= set(r) and r["seeds"] == 1 for r in records)
+    assert {r["mode"] for r in records} == set(MODES)
+    assert {r["kernel"] for r in records} == {"favor+", "favor++", "exact"}
+    assert all(math.isfinite(r["rel_error"]) and r["rel_error"] >= 0 for r in records)
+    assert all(r["favorpp_A"] < 0 for r in records if r["kernel"] == "favor++")
+    assert len(json.loads(report.read_text())) == len(records)
+    printed = capsys.readouterr().out
+    assert "| mode | kernel | frequencies | r |" in printed
+    assert "target favor+ / favor++ >= 3 [logit]" in printed

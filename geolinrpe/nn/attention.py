@@ -306,6 +306,7 @@ class RPEAttention(nn.Module):
             return self.out(x)
         q, k, v, pos, batch = prepared
         featurizer = self.featurizer
+        featurizer.cache_spectrum = True  # built for this call: one RPE spectrum per forward
         calibrate = self.training and getattr(self.feature_map, "adaptive", False)
         if calibrate:  # FAVOR++: A stays fixed while the engine runs
             valid = None if key_padding_mask is None else ~key_padding_mask.unsqueeze(-1)

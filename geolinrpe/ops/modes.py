@@ -64,7 +64,37 @@ class Featurizer(Protocol):
     def key(self, k: Tensor, pos: Tensor | None) -> TokenFeatures: ...
 
 
-class MaskMode:
+class SpectrumCache:
+    """Optional reuse of a Fourier RPE's spectrum across the slices of one forward pass.
+
+    ``cache_spectrum = True`` computes ``rpe.spectrum()`` (``exp_spectrum()`` for
+    ``split == "exp"``) once and reuses it for every slice. Only for a featurizer that lives
+    for one forward pass (``RPEAttention`` builds one per call and sets it): a cached
+    spectrum ignores later parameter changes and shares its autograd graph.
+    """
+
+    rpe = None
+    split = "query"
+    cache_spectrum = False
+    _cached = None
+
+    def _spectrum(self):
+        """The cached ``(xi, weight)``, or ``None`` (the RPE computes it per slice)."""
+        if not (self.cache_spectrum and getattr(self.rpe, "takes_spectrum", False)):
+            return None
+        if self._cached is None:
+            self._cached = self.rpe.exp_spectrum() if self.split == "exp" else self.rpe.spectrum()
+        return self._cached
+
+    def _psi(self, pos: Tensor, query: bool) -> Tensor:
+        spectrum = self._spectrum()
+        options = {} if spectrum is None else {"spectrum": spectrum}
+        if query:
+            return self.rpe.query_features(pos, self.split, **options)
+        return self.rpe.key_features(pos, self.split, **options)
+
+
+class MaskMode(SpectrumCache):
     """Kernel features ``phi(q * input_scale)`` times the RPE mask ``psi_q . psi_k``.
 
     Args:
@@ -84,12 +114,14 @@ class MaskMode:
         self.num_features = feature_map.num_features
         self.num_rpe_features = 0 if rpe is None else rpe.num_features
 
+    #: the RPE features' weights (``FourierRPE.query_features`` split)
+    split = "query"
+
     def _features(self, x: Tensor, pos: Tensor | None, query: bool) -> TokenFeatures:
         phi, log_scale = self.feature_map(x * self.input_scale)
         if self.rpe is None:
             return TokenFeatures(phi, log_scale, None)
-        psi = self.rpe.query_features(pos) if query else self.rpe.key_features(pos)
-        return TokenFeatures(phi, log_scale, psi.to(phi.dtype))
+        return TokenFeatures(phi, log_scale, self._psi(pos, query).to(phi.dtype))
 
     def query(self, q: Tensor, pos: Tensor | None) -> TokenFeatures:
         return self._features(q, pos, query=True)
@@ -119,16 +151,10 @@ class ProductMode(MaskMode):
     normalisation (the softmax denominator).
     """
 
-    def _features(self, x: Tensor, pos: Tensor | None, query: bool) -> TokenFeatures:
-        phi, log_scale = self.feature_map(x * self.input_scale)
-        if query:
-            psi = self.rpe.query_features(pos, split="exp")
-        else:
-            psi = self.rpe.key_features(pos, split="exp")
-        return TokenFeatures(phi, log_scale, psi.to(phi.dtype))
+    split = "exp"
 
 
-class LogitMode:
+class LogitMode(SpectrumCache):
     """Positive random features of ``[q / d^1/4, psi_q(r)]`` and ``[k / d^1/4, psi_k(r)]``.
 
     Args:
@@ -153,11 +179,10 @@ class LogitMode:
         self.input_scale = input_scale
         self.num_features = feature_map.num_features
 
+    split = "symmetric"
+
     def _features(self, x: Tensor, pos: Tensor, query: bool) -> TokenFeatures:
-        if query:
-            psi = self.rpe.query_features(pos, split="symmetric")
-        else:
-            psi = self.rpe.key_features(pos, split="symmetric")
+        psi = self._psi(pos, query)
         joint = torch.cat([x * self.input_scale, psi.to(x.dtype)], dim=-1)
         phi, log_scale = self.feature_map(joint)
         return TokenFeatures(phi, log_scale, None)

@@ -204,6 +204,8 @@ class FourierRPE(RPE):
     modes = ("logit", "mask")
     #: estimates ``f_hat`` can be negative (true for cosine features)
     signed: bool = True
+    #: ``query_features``/``key_features`` accept a precomputed ``spectrum``
+    takes_spectrum: bool = True
 
     def __init__(self, pos_dim: int, num_heads: int, num_frequencies: int) -> None:
         super().__init__(pos_dim, num_heads)
@@ -247,14 +249,22 @@ class FourierRPE(RPE):
         """Draw new frequencies."""
         raise NotImplementedError
 
-    def _cos_sin(self, pos: Tensor, split: str = "query") -> tuple[Tensor, Tensor, Tensor]:
-        xi, weight = self.exp_spectrum() if split == "exp" else self.spectrum()
+    def _cos_sin(self, pos: Tensor, split: str = "query", spectrum=None):
+        if spectrum is None:
+            spectrum = self.exp_spectrum() if split == "exp" else self.spectrum()
+        xi, weight = spectrum
         phase = 2 * math.pi * torch.einsum("...p,hmp->...hm", pos, xi.to(pos.dtype))
         return torch.cos(phase), torch.sin(phase), weight.to(pos.dtype)
 
-    def query_features(self, pos: Tensor, split: str = "query") -> Tensor:
-        """``psi_q``: ``pos [..., p]`` -> ``[..., h, 2m]`` (see the module docstring)."""
-        cos, sin, weight = self._cos_sin(pos, split)
+    def query_features(
+        self, pos: Tensor, split: str = "query", spectrum: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """``psi_q``: ``pos [..., p]`` -> ``[..., h, 2m]`` (see the module docstring).
+
+        ``spectrum``: the ``(xi, weight)`` of :meth:`spectrum` (or :meth:`exp_spectrum` for
+        ``split="exp"``) when the caller already has it (featurizers compute it once per
+        forward, not once per chunk)."""
+        cos, sin, weight = self._cos_sin(pos, split, spectrum)
         if split in ("query", "exp"):
             factor = weight
         elif split == "symmetric":
@@ -264,9 +274,11 @@ class FourierRPE(RPE):
         scale = factor / math.sqrt(self.num_frequencies)
         return torch.cat([cos * scale, sin * scale], dim=-1)
 
-    def key_features(self, pos: Tensor, split: str = "query") -> Tensor:
-        """``psi_k``: ``pos [..., p]`` -> ``[..., h, 2m]`` (see the module docstring)."""
-        cos, sin, weight = self._cos_sin(pos, split)
+    def key_features(
+        self, pos: Tensor, split: str = "query", spectrum: tuple[Tensor, Tensor] | None = None
+    ) -> Tensor:
+        """``psi_k``: ``pos [..., p]`` -> ``[..., h, 2m]`` (as :meth:`query_features`)."""
+        cos, sin, weight = self._cos_sin(pos, split, spectrum)
         if split in ("query", "exp"):
             scale = torch.ones_like(weight) / math.sqrt(self.num_frequencies)
         elif split == "symmetric":

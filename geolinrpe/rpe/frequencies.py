@@ -96,6 +96,21 @@ def uniform(
     return torch.stack(points).reshape(shape) if points else torch.empty(shape)
 
 
+def blocks(component: Tensor, draw: Callable[[int], Tensor]) -> Tensor:
+    """Stack ``draw(m_k)`` (``[..., m_k, dim]``) into the slots ``component == k``
+    (``[..., m, dim]``): one quasi-random sequence per component of a stratified sampler.
+
+    A scrambled Sobol sequence split by ``l mod K`` is far from uniform within each stride
+    (base-2 strides of a base-2 sequence fall in one corner of the cube), so each component
+    gets a sequence of its own."""
+    parts = {int(k): draw(int((component == k).sum())) for k in torch.unique(component)}
+    first = next(iter(parts.values()))
+    out = first.new_empty(*first.shape[:-2], len(component), first.shape[-1])
+    for k, part in parts.items():
+        out[..., component == k, :] = part
+    return out
+
+
 def normal(
     shape: tuple[int, ...], frequencies: str, generator: torch.Generator | None = None
 ) -> Tensor:
@@ -240,7 +255,7 @@ def _lattice_rule_cached(
         return nodes, weights, float(error.sqrt())
 
     # the ball radius E = spacing * reach: search the spacing on a log grid, then refine
-    spacings = torch.logspace(math.log10(0.5 / reach), math.log10(12.0 / reach), 80).tolist()
+    spacings = torch.logspace(math.log10(0.5 / reach), math.log10(40.0 / reach), 100).tolist()
     errors = [rule(s)[2] for s in spacings]
     best = min(range(len(spacings)), key=errors.__getitem__)
     lo = spacings[max(best - 1, 0)]

@@ -46,7 +46,7 @@ the zero initialisation ``w = 0`` (``f = 0``) is neutral.
 
 Frequency sets (``frequencies=``, :mod:`geolinrpe.rpe.frequencies`): ``"mc"`` draws
 ``eps ~ N(0, I)``; ``"qmc"`` uses scrambled Sobol points through the normal inverse CDF (one
-sequence per head, so each component's ``eps`` are a stride of it); ``"quadrature"`` uses
+sequence per head and component); ``"quadrature"`` uses
 deterministic lattice rules:
 
 * ``sampler="mixture"``: component ``k`` gets an unfolded Gaussian lattice rule with its
@@ -70,7 +70,14 @@ import torch
 from torch import Tensor, nn
 
 from .base import FourierRPE, _check_positive_ints
-from .frequencies import QUADRATURE_RANGE, check_frequencies, check_range, lattice_rule, normal
+from .frequencies import (
+    QUADRATURE_RANGE,
+    blocks,
+    check_frequencies,
+    check_range,
+    lattice_rule,
+    normal,
+)
 
 SAMPLERS = ("mixture", "proposal")
 
@@ -228,10 +235,13 @@ class GaussianMixtureRPE(FourierRPE):
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """New ``eps`` (``"mc"``, ``"qmc"``); the fixed rules (``"quadrature"``)."""
+        h, m, p = self.base_noise.shape
         if self.frequencies == "quadrature":
-            eps = self.quadrature_nodes.expand(self.num_heads, -1, -1)
+            eps = self.quadrature_nodes.expand(h, -1, -1)
+        elif self.frequencies == "qmc" and self.sampler == "mixture":  # a sequence per component
+            eps = blocks(self.component, lambda n: normal((h, n, p), "qmc", generator))
         else:
-            eps = normal(tuple(self.base_noise.shape), self.frequencies, generator)
+            eps = normal((h, m, p), self.frequencies, generator)
         self.base_noise.copy_(eps)
 
     @property

@@ -139,6 +139,8 @@ class PeriodicRPE(FourierRPE):
 
     periodic = True
 
+    takes_spectrum = False  # its features are lattice series, not spectrum() draws
+
     def __init__(
         self,
         pos_dim: int = 3,

@@ -57,7 +57,8 @@ Frequency sets (``frequencies=``, :mod:`geolinrpe.rpe.frequencies`):
 
 * ``"mc"``: the stratified sampler above (independent uniforms for the strata and
   directions).
-* ``"qmc"``: the same sampler driven by one scrambled Sobol point per frequency (its first
+* ``"qmc"``: the same sampler driven by one scrambled Sobol point per frequency (a sequence
+  per head and shell; its first
   coordinate places the radius in its stratum, the other two give the direction through the
   area-preserving map ``z = 1 - 2 u_1``, ``phi = 2 pi u_2``): unbiased for every draw.
 * ``"quadrature"``: a deterministic lattice rule in frequency space (the trapezoidal rule on
@@ -90,6 +91,7 @@ from .base import FourierRPE, _check_positive_ints, per_head
 from .frequencies import (
     QUADRATURE_RANGE,
     RADIAL_POINTS,
+    blocks,
     check_frequencies,
     check_range,
     lattice_rule,
@@ -364,8 +366,8 @@ class RadialRPE(FourierRPE):
         """New stratified radii, directions and (``rotation="random"``) rotation
         (``"quadrature"``: the rule is fixed; only the random rotation is redrawn)."""
         shape = self.base_radii.shape
-        if self.frequencies == "qmc":
-            u = uniform((*shape, 3), "qmc", generator)  # [h, m, 3]
+        if self.frequencies == "qmc":  # one Sobol sequence per head and shell
+            u = blocks(self.component, lambda n: uniform((shape[0], n, 3), "qmc", generator))
             cos_theta, phi = 1 - 2 * u[..., 1], 2 * math.pi * u[..., 2]
             sin_theta = (1 - cos_theta**2).clamp_min(0).sqrt()
             directions = torch.stack(

@@ -164,7 +164,7 @@ class ModelConfig:
     num_heads: int = 8
     rpe: str | None = "flt-kernel"
     rpe_options: dict[str, Any] = field(default_factory=dict)
-    mode: Literal["logit", "mask"] = "logit"
+    mode: Literal["logit", "mask", "product"] = "logit"
     kernel: Literal["favor+", "favor++", "relu", "elu", "identity"] = "favor+"
     num_features: int = 64
     attention: Literal["linear", "exact"] = "linear"
