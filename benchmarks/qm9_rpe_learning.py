@@ -11,12 +11,12 @@ validation molecules. Variants (``VARIANTS``; each an override list on an exampl
 * ``exact``: exact softmax with the RPE as a logit bias (O(n^2), the target);
 * ``old_default``: the previous ``RPEAttention`` default: logit mode, FAVOR+, Monte-Carlo
   frequencies, one fixed draw;
-* ``new_default``: the current default (``DEFAULT``: product mode, FAVOR+, lattice-quadrature
+* ``new_default``: the current default (``DEFAULT``: mask mode, FAVOR+, lattice-quadrature
   frequencies), one fixed draw of the kernel features;
 * ``new_default_redraw100``: the same with ``train.redraw_every=100``;
 * ``linear``: linear attention without RPE (no geometry at all);
-* ``mask_mc``, ``mask_quadrature``, ``product_favorpp``, ``logit_quadrature``: further
-  combinations (``--variants``).
+* ``mask_mc``, ``mask_quadrature_m16``, ``product``, ``product_favorpp``,
+  ``logit_quadrature``: further combinations (``--variants``).
 
 Runs go ``--jobs`` at a time (default 2) with 1 thread each; times are wall-clock per run
 under that load (relative cost only). Targets: the new default within 3% of ``exact`` (mean
@@ -47,8 +47,9 @@ def rpe(frequencies: str = "mc", m: int = 16) -> str:
 
 
 MULTI = ["optim.rpe_lr_scale=10"]
-#: what the molecule model's RPEAttention gets from the new defaults (DEFAULTS of the layer)
-DEFAULT = [rpe("quadrature", 64), "model.mode=product", "model.kernel=favor+"]
+#: the new defaults: flt-radial's lattice quadrature (64 frequencies) and the layer's default
+#: mode (``model.mode=null``: the RPE's first mode, mask), FAVOR+
+DEFAULT = [rpe("quadrature", 64), "model.mode=null", "model.kernel=favor+"]
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "exact": ("qm9_gap_exact", [NO_SH, rpe(), *MULTI]),
     "old_default": ("qm9_gap_flt", [NO_SH, rpe(), *MULTI, "model.mode=logit"]),
@@ -56,7 +57,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "new_default_redraw100": ("qm9_gap_flt", [NO_SH, *DEFAULT, *MULTI, "train.redraw_every=100"]),
     "linear": ("qm9_gap_linear", [NO_SH]),
     "mask_mc": ("qm9_gap_flt", [NO_SH, rpe(), *MULTI, "model.mode=mask"]),
-    "mask_quadrature": ("qm9_gap_flt", [NO_SH, rpe("quadrature", 64), *MULTI, "model.mode=mask"]),
+    "mask_quadrature_m16": (
+        "qm9_gap_flt",
+        [NO_SH, rpe("quadrature", 16), *MULTI, "model.mode=mask"],
+    ),
+    "product": ("qm9_gap_flt", [NO_SH, rpe("quadrature", 64), *MULTI, "model.mode=product"]),
     "product_favorpp": (
         "qm9_gap_flt",
         [NO_SH, rpe("quadrature", 64), *MULTI, "model.mode=product", "model.kernel=favor++"],

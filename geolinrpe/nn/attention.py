@@ -33,18 +33,34 @@ MODES = ("logit", "mask", "product")
 class RPEAttention(nn.Module):
     r"""Multi-head linear attention with a relative positional encoding ``f(r_i - r_j)``.
 
-    Two ways to combine the RPE with the attention kernel (``docs/math.md``):
+    Three ways to combine the RPE with the attention kernel (``docs/math.md``):
 
-    * ``mode="logit"`` (default): ``out_i = sum_j exp(q_i.k_j/sqrt(d) + f(r_i - r_j)) v_j / Z_i``,
+    * ``mode="mask"`` (the default for the Fourier RPEs): ``out_i = sum_j K(q_i, k_j)
+      f(r_i - r_j) v_j / Z_i`` with any kernel feature map, estimated with the row-wise
+      Kronecker product of kernel and RPE features (never materialised). ``Z_i`` follows
+      ``normalize`` (default ``"kernel"``: ``Z_i = sum_j K(q_i, k_j)``, positive for positive
+      feature maps, so ``|out_i| <= max |f_hat| max |v|`` for every input). With
+      ``frequencies="quadrature"`` the positional part ``f_hat`` is deterministic: only the
+      kernel features are random.
+    * ``mode="logit"``: ``out_i = sum_j exp(q_i.k_j/sqrt(d) + f(r_i - r_j)) v_j / Z_i``,
       the biased softmax of Graphormer-style models, estimated by positive random features
       of ``[q/d^1/4, psi_q(r)]`` and ``[k/d^1/4, psi_k(r)]``. Needs ``kernel="favor+"`` or
-      ``"favor++"``.
-      Initialise the RPE amplitude at 0 for a neutral (f = 0) start.
-    * ``mode="mask"``: ``out_i = sum_j K(q_i, k_j) f(r_i - r_j) v_j / Z_i`` with any kernel
-      feature map, estimated with the row-wise Kronecker product of kernel and RPE
-      features (never materialised). ``Z_i`` follows ``normalize``.
+      ``"favor++"``. All weights are positive, and it is the cheapest (a Performer with
+      ``d + 2m`` inputs), but the random projection mixes ``psi`` into its noise, which
+      grows with ``f(0)``. Initialise the RPE amplitude at 0 for a neutral (f = 0) start.
+    * ``mode="product"``: the logit-mode target factorised,
+      ``exp(q.k/sqrt(d)) exp(f)``: kernel features times a deterministic estimate of the
+      mask ``exp(f)`` (``flt-kernel``/``flt-radial`` with ``frequencies="quadrature"``;
+      :class:`~geolinrpe.ops.modes.ProductMode`). Accurate while the rule resolves
+      ``exp(f)``: relative error 2e-3 at ``f(0) = 0.5``, 5e-2 at 2, 0.23 at 4 (3D, 64
+      frequencies); a sharply peaked ``exp(f)`` makes the estimate, and the softmax
+      denominator, go negative.
 
-    Both cost O(n) time and memory (:func:`geolinrpe.ops.linear_attention`).
+    ``mode=None`` (default) takes the RPE's first mode (``mask`` for the Fourier families,
+    chosen by the measurements in ``benchmarks/RESULTS.md``), ``logit`` without an RPE.
+    Every mode costs O(n) time and memory (:func:`geolinrpe.ops.linear_attention`); mask
+    and product modes hold an ``r x 2m`` state per value channel, ``2m / (1 + 2m / r)``
+    times logit mode's.
 
     Args:
         embed_dim: channels ``c`` of ``x``.
@@ -53,7 +69,7 @@ class RPEAttention(nn.Module):
             an :class:`~geolinrpe.rpe.RPE` instance.
         pos_dim: position dimension ``p`` (needed with an RPE name; 1 sequences, 2 image
             grids, 3 atoms and points).
-        mode: ``"logit"`` or ``"mask"``.
+        mode: ``"mask"``, ``"logit"``, ``"product"`` or ``None`` (the RPE's first mode).
         kernel: ``"favor+"`` (softmax kernel), ``"favor++"`` (softmax kernel, positive
             features with a variance-optimal parameter ``A``:
             :class:`~geolinrpe.features.GERFFeatures`), ``"relu"``, ``"elu"``,
@@ -103,7 +119,7 @@ class RPEAttention(nn.Module):
         num_heads: int,
         rpe: str | RPE | None = None,
         pos_dim: int | None = None,
-        mode: str = "logit",
+        mode: str | None = None,
         kernel: str | FeatureMap = "favor+",
         num_features: int = 64,
         causal: bool = False,
@@ -129,7 +145,7 @@ class RPEAttention(nn.Module):
                 f"quadratic_below must be a non-negative int or None, got {quadratic_below!r}"
             )
         self.quadratic_below = quadratic_below
-        if mode not in MODES:
+        if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if isinstance(rpe, str):
             if pos_dim is None:
@@ -139,13 +155,16 @@ class RPEAttention(nn.Module):
                 # families acting on vectors: the head dim (logit) or the kernel features (mask)
                 elementwise = isinstance(kernel, str) and kernel not in ("favor+", "favor++")
                 head_dim = embed_dim // num_heads
-                features = head_dim if mode == "logit" or elementwise else num_features
+                first = REGISTRY[rpe].modes[0] if rpe in REGISTRY else "logit"
+                features = head_dim if (mode or first) == "logit" or elementwise else num_features
                 options.setdefault(
                     "dim", features if isinstance(kernel, str) else kernel.num_features
                 )
             rpe = build(rpe, pos_dim=pos_dim, num_heads=num_heads, **options)
         elif rpe is not None and not isinstance(rpe, RPE):
             raise ValueError(f"rpe must be None, a name or an RPE, got {type(rpe).__name__}")
+        if mode is None:  # the RPE's first mode (benchmarks/RESULTS.md); logit without RPE
+            mode = "logit" if rpe is None else rpe.modes[0]
         if rpe is not None:
             if mode not in rpe.modes:
                 raise ValueError(

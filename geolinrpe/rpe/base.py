@@ -201,7 +201,9 @@ class FourierRPE(RPE):
     In logit mode ``f`` is the additive logit bias, in mask mode the multiplicative mask.
     """
 
-    modes = ("logit", "mask")
+    #: mask first: the layer's default mode (``benchmarks/RESULTS.md``: mask mode learns the
+    #: RPE on QM9 where logit mode's FAVOR+ noise on ``[q, psi]`` swamps it)
+    modes = ("mask", "logit")
     #: estimates ``f_hat`` can be negative (true for cosine features)
     signed: bool = True
     #: ``query_features``/``key_features`` accept a precomputed ``spectrum``

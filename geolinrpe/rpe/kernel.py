@@ -93,7 +93,7 @@ class ShiftInvariantKernelRPE(FourierRPE):
     Args:
         pos_dim: position dimension ``p`` (any positive int).
         num_heads: number of heads ``h``.
-        num_frequencies: frequencies ``m`` per head (default 16).
+        num_frequencies: frequencies ``m`` per head (default 64 with quadrature, else 16).
         kernel: ``"gaussian"`` (default), ``"laplace"``, ``"matern32"``, ``"matern52"`` or
             ``"cauchy"``.
         lengthscale: initial bandwidth ``l`` in position units (default 1.0), or one per head.
@@ -102,7 +102,10 @@ class ShiftInvariantKernelRPE(FourierRPE):
         orthogonal: with ``frequencies="mc"``, draw the Gaussian part ``z`` of the base
             frequencies in orthogonal blocks (default ``True``); the mixing variables stay
             independent, so each frequency keeps its marginal distribution.
-        frequencies: ``"mc"`` (default), ``"qmc"`` or ``"quadrature"`` (module docstring).
+        frequencies: ``"mc"``, ``"qmc"`` or ``"quadrature"`` (module docstring). Default:
+            ``"quadrature"`` for ``pos_dim=3`` (bounded clouds: molecules, point clouds;
+            offsets beyond ``rule.period * l`` alias), ``"mc"`` otherwise (long sequences
+            and grids, where a periodic estimate would repeat ``f``) and for ``"cauchy"``.
         quadrature_range: offsets ``|Delta| <= quadrature_range * l`` the lattice rule is
             optimised for (default 3.0; ``frequencies="quadrature"`` only). Its aliased
             images start at ``rule.period * l`` (:attr:`rule`).
@@ -116,14 +119,18 @@ class ShiftInvariantKernelRPE(FourierRPE):
         self,
         pos_dim: int,
         num_heads: int,
-        num_frequencies: int = 16,
+        num_frequencies: int | None = None,
         kernel: str = "gaussian",
         lengthscale: float | Sequence[float] = 1.0,
         amplitude: float | Sequence[float] = 1.0,
         orthogonal: bool = True,
-        frequencies: str = "mc",
+        frequencies: str | None = None,
         quadrature_range: float = QUADRATURE_RANGE,
     ) -> None:
+        if frequencies is None:  # bounded 3D clouds: quadrature; sequences and grids: mc
+            frequencies = "quadrature" if pos_dim == 3 and kernel != "cauchy" else "mc"
+        if num_frequencies is None:
+            num_frequencies = 64 if frequencies == "quadrature" else 16
         super().__init__(pos_dim, num_heads, num_frequencies)
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -134,7 +141,7 @@ class ShiftInvariantKernelRPE(FourierRPE):
         if self.frequencies == "quadrature":
             self.rule = lattice_rule(pos_dim, num_frequencies, kernel, self.quadrature_range)
             if pos_dim <= 3:
-                self.modes = ("logit", "mask", "product")
+                self.modes = ("mask", "logit", "product")
         self.register_buffer(
             "init_lengthscale", per_head("lengthscale", lengthscale, num_heads, True), False
         )

@@ -124,6 +124,10 @@ class GaussianMixtureRPE(FourierRPE):
         ``closed_form(delta [..., p])`` -> ``[..., h]``.
     """
 
+    #: logit first: the default zero initialisation (``f = 0``) is a neutral logit bias but
+    #: a mask that switches attention off
+    modes = ("logit", "mask")
+
     def __init__(
         self,
         pos_dim: int,

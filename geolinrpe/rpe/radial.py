@@ -274,13 +274,18 @@ class RadialRPE(FourierRPE):
     Args:
         pos_dim: position dimension; must be 3.
         num_heads: number of heads ``h``.
-        num_frequencies: frequencies ``m`` per head (default 32; ``>= num_components``).
+        num_frequencies: frequencies ``m`` per head (default 64 with quadrature, else 32;
+            ``>= num_components``).
         num_components: shells ``K`` per head (default 4).
         lengthscale: initial length scale ``l`` of the Gaussian shell 0 (default 1.0), or one
             per head (multi-scale heads, e.g. ``[0.5, 1, 2, 4]``).
         amplitude: initial ``c_0 = f(0)`` (default 1.0; 0.0 = neutral), or one per head.
-        rotation: ``"fixed"`` (default), ``"random"`` or ``"frame"`` (module docstring).
-        frequencies: ``"mc"`` (default), ``"qmc"`` or ``"quadrature"`` (module docstring).
+        rotation: ``"fixed"`` (default; with the quadrature rule a rotation changes
+            ``f_hat`` by at most twice the rule's error), ``"frame"`` (exactly invariant
+            where the canonical frame is well defined; its eigenvector derivatives are
+            dropped at degenerate eigenvalues, so forces of symmetric molecules are wrong
+            there: not for force fields) or ``"random"`` (module docstring).
+        frequencies: ``"quadrature"`` (default), ``"qmc"`` or ``"mc"`` (module docstring).
         quadrature_range: offsets ``|Delta| <= quadrature_range * l_h`` the lattice rule is
             optimised for (default 3.0; ``frequencies="quadrature"`` only).
 
@@ -294,16 +299,18 @@ class RadialRPE(FourierRPE):
         self,
         pos_dim: int = 3,
         num_heads: int = 1,
-        num_frequencies: int = 32,
+        num_frequencies: int | None = None,
         num_components: int = 4,
         lengthscale: float | Sequence[float] = 1.0,
         amplitude: float | Sequence[float] = 1.0,
         rotation: str = "fixed",
-        frequencies: str = "mc",
+        frequencies: str = "quadrature",
         quadrature_range: float = QUADRATURE_RANGE,
     ) -> None:
         if pos_dim != 3:
             raise ValueError(f"pos_dim must be 3 for a radial RPE, got {pos_dim!r}")
+        if num_frequencies is None:
+            num_frequencies = 64 if frequencies == "quadrature" else 32
         super().__init__(pos_dim, num_heads, num_frequencies)
         _check_positive_ints(num_components=num_components)
         if num_frequencies < num_components:
@@ -337,7 +344,7 @@ class RadialRPE(FourierRPE):
             volume = num_frequencies * (self.rule.weights / density)[None] / scale**3
             self.register_buffer("quadrature_nodes", nodes.float(), False)
             self.register_buffer("quadrature_weights", volume.float(), False)
-            self.modes = ("logit", "mask", "product")
+            self.modes = ("mask", "logit", "product")
         # stratification: frequency l samples shell l mod K, stratum l // K of m_k
         component = torch.arange(num_frequencies) % num_components
         counts = torch.bincount(component, minlength=num_components)

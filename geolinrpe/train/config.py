@@ -150,7 +150,8 @@ class ModelConfig:
         num_heads: attention heads.
         rpe: an RPE registry name (:func:`geolinrpe.rpe.names`) or ``None`` for none.
         rpe_options: keyword options of the RPE (e.g. ``lengthscale``, ``num_frequencies``).
-        mode: how the RPE combines with attention: ``logit`` or ``mask``.
+        mode: how the RPE combines with attention: ``mask``, ``logit`` or ``product``
+            (``None``: the RPE's first mode, ``mask`` for the Fourier families).
         kernel: attention feature map: ``favor+``, ``relu``, ``elu`` or ``identity``.
         num_features: random features of ``favor+``.
         attention: ``linear`` (the O(n) estimator) or ``exact`` (the O(n^2) target).
@@ -164,7 +165,7 @@ class ModelConfig:
     num_heads: int = 8
     rpe: str | None = "flt-kernel"
     rpe_options: dict[str, Any] = field(default_factory=dict)
-    mode: Literal["logit", "mask", "product"] = "logit"
+    mode: Literal["logit", "mask", "product"] | None = None
     kernel: Literal["favor+", "favor++", "relu", "elu", "identity"] = "favor+"
     num_features: int = 64
     attention: Literal["linear", "exact"] = "linear"

@@ -98,7 +98,9 @@ def test_logit_mode_translation_error_without_centring_shrinks_with_features():
         for seed in range(4):
             torch.manual_seed(seed)
             rpe = ShiftInvariantKernelRPE(3, 2, 8, amplitude=1.0)
-            attn = RPEAttention(32, 2, rpe=rpe, num_features=r, center_positions=False).double()
+            attn = RPEAttention(
+                32, 2, rpe=rpe, mode="logit", num_features=r, center_positions=False
+            ).double()
             a, b = attn(x, pos), attn(x, pos + shift)
             trial.append(((a - b).norm() / a.norm()).item())
         errors.append(sum(trial) / len(trial))
@@ -373,9 +375,21 @@ def test_bad_construction_raises_value_error_naming_the_option():
         (dict(embed_dim=8, num_heads=2, mode="concat"), "mode"),
         (dict(embed_dim=8, num_heads=2, rpe="flt-kernel"), "pos_dim is required"),
         (dict(embed_dim=8, num_heads=2, rpe="nope", pos_dim=3), "unknown rpe"),
-        (dict(embed_dim=8, num_heads=2, rpe="flt-kernel", pos_dim=3, kernel="relu"), "favor"),
         (
-            dict(embed_dim=8, num_heads=2, rpe="flt-kernel", pos_dim=3, normalize="kernel"),
+            dict(
+                embed_dim=8, num_heads=2, rpe="flt-kernel", pos_dim=3, mode="logit", kernel="relu"
+            ),
+            "favor",
+        ),
+        (
+            dict(
+                embed_dim=8,
+                num_heads=2,
+                rpe="flt-kernel",
+                pos_dim=3,
+                mode="logit",
+                normalize="kernel",
+            ),
             "normalize must be one of",
         ),
         (dict(embed_dim=8, num_heads=2, normalize="l2"), "normalize"),

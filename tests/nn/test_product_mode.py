@@ -99,7 +99,9 @@ def test_product_mode_mask_estimates_exp_f_and_the_layer_the_biased_softmax():
 
 def test_product_mode_needs_quadrature_and_the_masked_normalisation():
     with pytest.raises(ValueError, match="supports modes"):
-        RPEAttention(8, 2, rpe="flt-kernel", pos_dim=3, mode="product")
+        RPEAttention(
+            8, 2, rpe="flt-kernel", pos_dim=3, mode="product", rpe_options={"frequencies": "mc"}
+        )
     with pytest.raises(ValueError, match="supports modes"):
         RPEAttention(
             8, 2, rpe="flt-gm", pos_dim=2, mode="product", rpe_options={"frequencies": "quadrature"}

@@ -133,7 +133,7 @@ def test_signed_mask_kernel_normalisation_is_bounded():
     n, h, d, m = 60, 2, 8, 2
     q, k, v = (torch.randn(1, n, h, d, dtype=D64) for _ in range(3))
     pos = torch.randn(1, n, 3, dtype=D64) * 5
-    rpe = ShiftInvariantKernelRPE(3, h, m, lengthscale=0.5).double()
+    rpe = ShiftInvariantKernelRPE(3, h, m, lengthscale=0.5, frequencies="mc").double()
     feat = MaskMode(PositiveRandomFeatures(d, 32).double(), rpe, d**-0.25)
     f_hat = rpe.pairwise(pos)
     assert (f_hat < 0).any()

@@ -1,5 +1,6 @@
 """The Fourier RPE base and the shift-invariant kernel RPEs (Gaussian, Matern, Cauchy)."""
 
+import functools
 import math
 
 import pytest
@@ -10,12 +11,15 @@ from geolinrpe.rpe import ShiftInvariantKernelRPE, build, names
 from geolinrpe.rpe.kernel import KERNELS
 from geolinrpe.testing import assert_translation_invariant
 
+#: these tests are about the Monte-Carlo sampler (quadrature: tests/rpe/test_frequencies.py)
+MonteShiftInvariantKernelRPE = functools.partial(ShiftInvariantKernelRPE, frequencies="mc")
+
 D64 = torch.float64
 
 
 @pytest.mark.parametrize("pos_dim", [1, 2, 3])
 def test_features_give_the_estimate_and_depend_on_differences_only(pos_dim):
-    rpe = ShiftInvariantKernelRPE(pos_dim, 3, 7, lengthscale=0.8, amplitude=-0.7).double()
+    rpe = MonteShiftInvariantKernelRPE(pos_dim, 3, 7, lengthscale=0.8, amplitude=-0.7).double()
     pos = torch.randn(11, pos_dim, dtype=D64) * 3
     delta = pos[:, None] - pos[None, :]
     want = rpe.estimate(delta).permute(2, 0, 1)  # [h, i, j]
@@ -41,7 +45,7 @@ def test_features_give_the_estimate_and_depend_on_differences_only(pos_dim):
 
 def test_symmetric_split_is_smooth_at_the_neutral_amplitude():
     """a = 0 (neutral logit bias) must give finite, non-zero gradients (sqrt|a| would not)."""
-    rpe = ShiftInvariantKernelRPE(3, 2, 4, amplitude=0.0).double()
+    rpe = MonteShiftInvariantKernelRPE(3, 2, 4, amplitude=0.0).double()
     pos = torch.randn(6, 3, dtype=D64)
     psi_q, psi_k = rpe.query_features(pos, "symmetric"), rpe.key_features(pos, "symmetric")
     assert psi_q.abs().max() == 0 and psi_k.abs().max() > 0
@@ -56,7 +60,9 @@ def test_monte_carlo_converges_at_the_inverse_sqrt_rate():
     for m in (8, 32, 128, 512):
         errs = []
         for seed in range(40):
-            rpe = ShiftInvariantKernelRPE(3, 2, m, lengthscale=0.7, amplitude=1.3, orthogonal=False)
+            rpe = MonteShiftInvariantKernelRPE(
+                3, 2, m, lengthscale=0.7, amplitude=1.3, orthogonal=False
+            )
             rpe = rpe.double()
             rpe.redraw(torch.Generator().manual_seed(seed))
             errs.append((rpe.estimate(delta) - rpe.closed_form(delta)).pow(2).mean())
@@ -69,14 +75,14 @@ def test_monte_carlo_converges_at_the_inverse_sqrt_rate():
 
 
 def test_closed_form_is_the_gaussian():
-    rpe = ShiftInvariantKernelRPE(2, 2, 4, lengthscale=2.0, amplitude=0.5).double()
+    rpe = MonteShiftInvariantKernelRPE(2, 2, 4, lengthscale=2.0, amplitude=0.5).double()
     delta = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 1.0]], dtype=D64)
     want = 0.5 * torch.exp(-delta.pow(2).sum(-1) / 8.0)
     torch.testing.assert_close(rpe.closed_form(delta), want[:, None].expand(3, 2))
 
 
 def test_per_head_initial_lengthscales_and_amplitudes():
-    rpe = ShiftInvariantKernelRPE(2, 3, lengthscale=[0.5, 1.0, 4.0], amplitude=[1.0, 0.0, 2.0])
+    rpe = MonteShiftInvariantKernelRPE(2, 3, lengthscale=[0.5, 1.0, 4.0], amplitude=[1.0, 0.0, 2.0])
     delta = torch.randn(10, 2, dtype=D64)
     scales, amps = (
         torch.tensor([0.5, 1.0, 4.0], dtype=D64),
@@ -85,11 +91,11 @@ def test_per_head_initial_lengthscales_and_amplitudes():
     want = amps * torch.exp(-delta.pow(2).sum(-1, keepdim=True) / (2 * scales**2))
     torch.testing.assert_close(rpe.double().closed_form(delta), want)
     with pytest.raises(ValueError, match="lengthscale must be a number or 3 values"):
-        ShiftInvariantKernelRPE(2, 3, lengthscale=[1.0, 2.0])
+        MonteShiftInvariantKernelRPE(2, 3, lengthscale=[1.0, 2.0])
 
 
 def test_gradients_reach_bandwidth_and_amplitude():
-    rpe = ShiftInvariantKernelRPE(3, 2, 6).double()
+    rpe = MonteShiftInvariantKernelRPE(3, 2, 6).double()
     pos = torch.randn(5, 3, dtype=D64)
     (rpe.query_features(pos).sum() + rpe.key_features(pos, "symmetric").pow(2).sum()).backward()
     assert rpe.log_lengthscale.grad.abs().sum() > 0
@@ -124,7 +130,7 @@ def _rmse_by_num_frequencies(kernel, pos_dim, draws=128):
     delta = torch.randn(100, pos_dim, dtype=D64, generator=gen)
     rmse = {}
     for m in (8, 32, 128, 512):
-        rpe = ShiftInvariantKernelRPE(
+        rpe = MonteShiftInvariantKernelRPE(
             pos_dim, draws, m, kernel=kernel, lengthscale=0.7, amplitude=1.3, orthogonal=False
         ).double()
         rpe.redraw(gen)
@@ -159,7 +165,7 @@ def test_closed_forms_of_the_matern_and_cauchy_kernels():
         "cauchy": 1 / (1 + r**2),
     }
     for kernel, profile in want.items():
-        rpe = ShiftInvariantKernelRPE(3, 2, 4, kernel=kernel, lengthscale=2.0, amplitude=-0.5)
+        rpe = MonteShiftInvariantKernelRPE(3, 2, 4, kernel=kernel, lengthscale=2.0, amplitude=-0.5)
         got = rpe.double().closed_form(delta)
         torch.testing.assert_close(got, -0.5 * profile[:, None].expand(3, 2))
 
@@ -167,7 +173,7 @@ def test_closed_forms_of_the_matern_and_cauchy_kernels():
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_every_kernel_is_reparametrised_in_the_lengthscale(kernel):
     """Gradients reach l through the frequencies; closed form has finite gradients at 0."""
-    rpe = ShiftInvariantKernelRPE(2, 3, 8, kernel=kernel, lengthscale=0.5).double()
+    rpe = MonteShiftInvariantKernelRPE(2, 3, 8, kernel=kernel, lengthscale=0.5).double()
     pos = torch.randn(6, 2, dtype=D64)
     rpe.query_features(pos).pow(2).sum().backward()
     assert rpe.log_lengthscale.grad.abs().min() > 0
@@ -178,7 +184,7 @@ def test_every_kernel_is_reparametrised_in_the_lengthscale(kernel):
     assert torch.isfinite(rpe.log_lengthscale.grad).all()
     assert rpe.log_lengthscale.grad.abs().min() > 0
     # the estimate is a * mean cos(eps . Delta / l): scaling l and Delta together changes nothing
-    scaled = ShiftInvariantKernelRPE(2, 3, 8, kernel=kernel).double()
+    scaled = MonteShiftInvariantKernelRPE(2, 3, 8, kernel=kernel).double()
     scaled.base_frequencies.copy_(rpe.base_frequencies)
     with torch.no_grad():
         scaled.log_lengthscale.copy_(rpe.log_lengthscale + math.log(3))
@@ -213,5 +219,5 @@ def _assert_layer_matches_reference(rpe, mode):
 @pytest.mark.parametrize("mode", ["logit", "mask"])
 @pytest.mark.parametrize("kernel", ["laplace", "cauchy"])
 def test_heavy_tailed_kernels_through_the_attention_layer(kernel, mode):
-    rpe = ShiftInvariantKernelRPE(3, 2, 8, kernel=kernel, lengthscale=1.5, amplitude=0.8)
+    rpe = MonteShiftInvariantKernelRPE(3, 2, 8, kernel=kernel, lengthscale=1.5, amplitude=0.8)
     _assert_layer_matches_reference(rpe, mode)

@@ -1,5 +1,6 @@
 """The radial (isotropic) FLT RPE and its rotation modes."""
 
+import functools
 import math
 from itertools import pairwise
 
@@ -15,11 +16,13 @@ from geolinrpe.testing import (
 )
 
 D64 = torch.float64
+#: these tests are about the Monte-Carlo sampler (quadrature: tests/rpe/test_frequencies.py)
+MonteRadialRPE = functools.partial(RadialRPE, frequencies="mc")
 
 
 def shells(m=32, rotation="fixed", seed=0):
     """Two signed shells per head, one centred Gaussian and one ring."""
-    rpe = RadialRPE(3, 2, m, num_components=2, rotation=rotation).double()
+    rpe = MonteRadialRPE(3, 2, m, num_components=2, rotation=rotation).double()
     with torch.no_grad():
         rpe.shell_amplitudes.copy_(torch.tensor([[1.0, 0.6], [0.5, -0.4]]))
         rpe.shell_radii.copy_(torch.tensor([[0.0, 0.5], [0.1, 0.8]]))
@@ -53,18 +56,18 @@ def test_closed_form_is_the_radial_transform_of_the_shells():
 
 
 def test_initialisation_is_the_gaussian_and_zero_amplitude_is_neutral():
-    rpe = RadialRPE(3, 2, 16, lengthscale=1.5, amplitude=0.7).double()
+    rpe = MonteRadialRPE(3, 2, 16, lengthscale=1.5, amplitude=0.7).double()
     delta = torch.randn(20, 3, dtype=D64) * 2
     want = 0.7 * torch.exp(-delta.pow(2).sum(-1) / (2 * 1.5**2))
     torch.testing.assert_close(rpe.closed_form(delta), want[:, None].expand(20, 2))
-    neutral = RadialRPE(3, 2, 16, amplitude=0.0).double()
+    neutral = MonteRadialRPE(3, 2, 16, amplitude=0.0).double()
     assert neutral.closed_form(delta).abs().max() == 0
     assert neutral.estimate(delta).abs().max() == 0
 
 
 def test_per_head_lengthscales_and_amplitudes_give_multi_scale_heads():
     scales, amps = [0.5, 1.0, 2.0, 4.0], [2.0, 1.0, 0.0, -1.0]
-    rpe = RadialRPE(3, 4, 16, lengthscale=scales, amplitude=amps).double()
+    rpe = MonteRadialRPE(3, 4, 16, lengthscale=scales, amplitude=amps).double()
     delta = torch.randn(20, 3, dtype=D64) * 2
     sq = delta.pow(2).sum(-1, keepdim=True)
     want = torch.tensor(amps, dtype=D64) * torch.exp(
@@ -274,7 +277,7 @@ def test_bad_options_raise_value_error_naming_the_option():
     ]
     for options, match in cases:
         with pytest.raises(ValueError, match=match):
-            RadialRPE(**{"pos_dim": 3, "num_heads": 2, **options})
+            MonteRadialRPE(**{"pos_dim": 3, "num_heads": 2, **options})
     with pytest.raises(ValueError, match=r"pos must be \[n, 3\]"):
         canonical_frame(torch.randn(4, 2))
 

@@ -44,7 +44,7 @@ def tiny(qm9_root, out, *overrides):
             "model.num_heads=2",
             "model.num_features=16",
             "model.rpe=flt-kernel",
-            "model.rpe_options={num_frequencies: 8}",
+            "model.rpe_options={num_frequencies: 8, frequencies: mc}",
             "optim.lr=3e-3",
             f"train.out_dir={out}",
             "train.epochs=2",
