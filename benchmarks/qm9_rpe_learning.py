@@ -15,7 +15,8 @@ validation molecules. Variants (``VARIANTS``; each an override list on an exampl
   frequencies), one fixed draw of the kernel features;
 * ``new_default_redraw100``: the same with ``train.redraw_every=100``;
 * ``linear``: linear attention without RPE (no geometry at all);
-* ``mask_mc``, ``mask_quadrature_m16``, ``product``, ``product_favorpp``,
+* ``mask_mc``, ``mask_quadrature_m16``, ``mask_elu`` (a deterministic kernel: nothing is
+  random), ``mask_favorpp`` (and redrawn), ``product``, ``product_favorpp``,
   ``logit_quadrature``: further combinations (``--variants``).
 
 Runs go ``--jobs`` at a time (default 2) with 1 thread each; times are wall-clock per run
@@ -62,6 +63,25 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         [NO_SH, rpe("quadrature", 16), *MULTI, "model.mode=mask"],
     ),
     "product": ("qm9_gap_flt", [NO_SH, rpe("quadrature", 64), *MULTI, "model.mode=product"]),
+    "mask_elu": (
+        "qm9_gap_flt",
+        [NO_SH, rpe("quadrature", 64), *MULTI, "model.mode=mask", "model.kernel=elu"],
+    ),
+    "mask_favorpp": (
+        "qm9_gap_flt",
+        [NO_SH, rpe("quadrature", 64), *MULTI, "model.mode=mask", "model.kernel=favor++"],
+    ),
+    "mask_favorpp_redraw100": (
+        "qm9_gap_flt",
+        [
+            NO_SH,
+            rpe("quadrature", 64),
+            *MULTI,
+            "model.mode=mask",
+            "model.kernel=favor++",
+            "train.redraw_every=100",
+        ],
+    ),
     "product_favorpp": (
         "qm9_gap_flt",
         [NO_SH, rpe("quadrature", 64), *MULTI, "model.mode=product", "model.kernel=favor++"],

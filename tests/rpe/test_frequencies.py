@@ -209,3 +209,29 @@ def test_old_state_dicts_load_and_bad_options_are_named():
     with pytest.raises(ValueError, match="singular"):
         build("flt-kernel", pos_dim=2, num_heads=2, kernel="cauchy", frequencies="quadrature")
     assert math.isfinite(lattice_rule(3, 64).error)
+
+
+def test_quadrature_makes_the_radial_layer_nearly_rotation_invariant():
+    """With the lattice rule the estimate is a fixed function of Delta within the rule's error
+    of the radial f, so a rotation changes the layer by at most about twice that error:
+    measured 1.2e-3 (m = 64) and 7.9e-6 (m = 256) on a cloud within 1.5 lengthscales,
+    against 0.52 / 0.19 with Monte-Carlo frequencies."""
+    from geolinrpe.testing import random_rotation
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 20, 32, generator=g, dtype=D64)
+    pos = 0.5 * torch.randn(2, 20, 3, generator=g, dtype=D64)
+    rotation = random_rotation(3, dtype=D64)
+    deviation = {}
+    for frequencies, m in (("mc", 64), ("quadrature", 64), ("quadrature", 256)):
+        torch.manual_seed(0)
+        options = {"frequencies": frequencies, "num_frequencies": m}
+        layer = RPEAttention(
+            32, 2, rpe="flt-radial", pos_dim=3, num_features=16, rpe_options=options
+        ).double()
+        out = layer(x, pos)
+        change = (layer(x, pos @ rotation.T) - out).abs().max() / out.abs().max()
+        deviation[frequencies, m] = float(change.detach())
+    assert deviation["quadrature", 256] < 3e-5
+    assert deviation["quadrature", 64] < 1e-2
+    assert deviation["mc", 64] > 20 * deviation["quadrature", 64]
