@@ -289,7 +289,8 @@ class MoleculeTransformer(nn.Module):
             attention without RPE: the no-RPE baseline).
         rpe_options: options of the RPE (e.g. ``{"rotation": "frame"}``).
         mode: ``"logit"``, ``"mask"`` or ``None`` (default: the RPE's first mode).
-        kernel: kernel feature map (default ``"favor+"``).
+        kernel: kernel feature map (default ``None``: the layer's, ELU in mask mode,
+            FAVOR+ otherwise).
         num_features: random kernel features (default 64).
         mlp_ratio: block MLP width ratio (default 4.0).
         dropout: dropout in the blocks (default 0.0).
@@ -333,7 +334,7 @@ class MoleculeTransformer(nn.Module):
         rpe: str | None = "flt-radial",
         rpe_options: dict | None = None,
         mode: str | None = None,
-        kernel: str = "favor+",
+        kernel: str | None = None,
         num_features: int = 64,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,

@@ -48,7 +48,8 @@ class PatchTransformer(nn.Module):
         rpe: RPE registry name (default ``"rope"``) or ``None`` (no RPE).
         rpe_options: options of the RPE.
         mode: ``"logit"``, ``"mask"`` or ``None`` (default: the RPE's first mode).
-        kernel: kernel feature map (default ``"favor+"``).
+        kernel: kernel feature map (default ``None``: the layer's, ELU in mask mode,
+            FAVOR+ otherwise).
         num_features: random kernel features (default 64).
         mlp_ratio: block MLP width ratio (default 4.0).
         dropout: dropout in the blocks (default 0.0).
@@ -76,7 +77,7 @@ class PatchTransformer(nn.Module):
         rpe: str | None = "rope",
         rpe_options: dict | None = None,
         mode: str | None = None,
-        kernel: str = "favor+",
+        kernel: str | None = None,
         num_features: int = 64,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,

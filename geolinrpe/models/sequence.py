@@ -43,7 +43,8 @@ class SequenceTransformer(nn.Module):
             information but the causal order).
         rpe_options: options of the RPE.
         mode: ``"logit"``, ``"mask"`` or ``None`` (default: the RPE's first mode).
-        kernel: kernel feature map (default ``"favor+"``).
+        kernel: kernel feature map (default ``None``: the layer's, ELU in mask mode,
+            FAVOR+ otherwise).
         num_features: random kernel features (default 64).
         mlp_ratio: block MLP width ratio (default 4.0).
         dropout: dropout in the blocks and on the embeddings (default 0.0).
@@ -67,7 +68,7 @@ class SequenceTransformer(nn.Module):
         rpe: str | None = "flt-kernel",
         rpe_options: dict | None = None,
         mode: str | None = None,
-        kernel: str = "favor+",
+        kernel: str | None = None,
         num_features: int = 64,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,

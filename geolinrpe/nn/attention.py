@@ -70,7 +70,9 @@ class RPEAttention(nn.Module):
         pos_dim: position dimension ``p`` (needed with an RPE name; 1 sequences, 2 image
             grids, 3 atoms and points).
         mode: ``"mask"``, ``"logit"``, ``"product"`` or ``None`` (the RPE's first mode).
-        kernel: ``"favor+"`` (softmax kernel), ``"favor++"`` (softmax kernel, positive
+        kernel: ``None`` (default: ``"elu"`` in mask mode, where it makes the layer
+            deterministic with a quadrature RPE, ``"favor+"`` in logit and product modes),
+            ``"favor+"`` (softmax kernel), ``"favor++"`` (softmax kernel, positive
             features with a variance-optimal parameter ``A``:
             :class:`~geolinrpe.features.GERFFeatures`), ``"relu"``, ``"elu"``,
             ``"identity"``, or a :class:`~geolinrpe.features.FeatureMap` on ``d`` inputs
@@ -120,7 +122,7 @@ class RPEAttention(nn.Module):
         rpe: str | RPE | None = None,
         pos_dim: int | None = None,
         mode: str | None = None,
-        kernel: str | FeatureMap = "favor+",
+        kernel: str | FeatureMap | None = None,
         num_features: int = 64,
         causal: bool = False,
         normalize: str | None = None,
@@ -147,6 +149,11 @@ class RPEAttention(nn.Module):
         self.quadratic_below = quadratic_below
         if mode is not None and mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if kernel is None:  # mask mode: ELU (deterministic); a softmax otherwise: FAVOR+
+            first = REGISTRY[rpe].modes[0] if isinstance(rpe, str) and rpe in REGISTRY else None
+            first = getattr(rpe, "modes", ("logit",))[0] if first is None else first
+            resolved = mode or (first if rpe is not None else "logit")
+            kernel = "elu" if resolved == "mask" else "favor+"
         if isinstance(rpe, str):
             if pos_dim is None:
                 raise ValueError(f"pos_dim is required to build rpe={rpe!r}")

@@ -152,7 +152,9 @@ class ModelConfig:
         rpe_options: keyword options of the RPE (e.g. ``lengthscale``, ``num_frequencies``).
         mode: how the RPE combines with attention: ``mask``, ``logit`` or ``product``
             (``None``: the RPE's first mode, ``mask`` for the Fourier families).
-        kernel: attention feature map: ``favor+``, ``relu``, ``elu`` or ``identity``.
+        kernel: attention feature map: ``favor+``, ``favor++``, ``relu``, ``elu`` or
+            ``identity`` (``None``: the layer's default, ``elu`` in mask mode, ``favor+``
+            otherwise).
         num_features: random features of ``favor+``.
         attention: ``linear`` (the O(n) estimator) or ``exact`` (the O(n^2) target).
         options: other keyword arguments of the model (e.g. ``cutoff`` for ``schnet``,
@@ -166,7 +168,7 @@ class ModelConfig:
     rpe: str | None = "flt-kernel"
     rpe_options: dict[str, Any] = field(default_factory=dict)
     mode: Literal["logit", "mask", "product"] | None = None
-    kernel: Literal["favor+", "favor++", "relu", "elu", "identity"] = "favor+"
+    kernel: Literal["favor+", "favor++", "relu", "elu", "identity"] | None = None
     num_features: int = 64
     attention: Literal["linear", "exact"] = "linear"
     options: dict[str, Any] = field(default_factory=dict)

@@ -166,7 +166,10 @@ def test_use_reference_switches_every_block_and_restores():
 
 
 def test_encoder_gradients_finite_and_redraw_changes_features():
-    enc = RPETransformerEncoder(2, 24, 4, rpe="flt-kernel", pos_dim=3, num_features=16)
+    enc = RPETransformerEncoder(  # random features: FAVOR+ and Monte-Carlo frequencies
+        2, 24, 4, rpe="flt-kernel", pos_dim=3, num_features=16, kernel="favor+",
+        rpe_options={"frequencies": "mc"},
+    )  # fmt: skip
     x, pos, batch = (t.float() if t.is_floating_point() else t for t in packed([5, 3]))
     x.requires_grad_(True)
     enc(x, pos, batch).square().sum().backward()

@@ -235,3 +235,19 @@ def test_quadrature_makes_the_radial_layer_nearly_rotation_invariant():
     assert deviation["quadrature", 256] < 3e-5
     assert deviation["quadrature", 64] < 1e-2
     assert deviation["mc", 64] > 20 * deviation["quadrature", 64]
+
+
+@pytest.mark.parametrize("name", ["flt-radial", "flt-kernel"])
+def test_the_default_3d_layer_is_deterministic_so_redraws_change_nothing(name):
+    """Mask mode, ELU kernel and lattice quadrature: nothing in the layer is random, so
+    ``redraw`` (and ``train.redraw_every``) leaves its output bitwise unchanged."""
+    torch.manual_seed(0)
+    layer = RPEAttention(32, 4, rpe=name, pos_dim=3).double()
+    assert layer.mode == "mask" and layer.rpe.frequencies == "quadrature"
+    assert type(layer.feature_map).__name__ == "ELUFeatures"
+    layer.redraw()  # the float64 rule (construction stored it in float32)
+    x, pos = torch.randn(2, 9, 32, dtype=D64), torch.randn(2, 9, 3, dtype=D64)
+    out = layer(x, pos)
+    layer.redraw(torch.Generator().manual_seed(7))
+    assert torch.equal(layer(x, pos), out)
+    torch.testing.assert_close(out, layer.reference(x, pos), atol=1e-12, rtol=1e-12)

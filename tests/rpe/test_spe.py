@@ -221,7 +221,7 @@ def test_layer_builds_by_name_and_fills_the_channels(monkeypatch):
     monkeypatch.setitem(REGISTRY, "spe-conv", ConvSPE)
     elu = RPEAttention(12, 2, rpe="spe-sine", pos_dim=1, mode="mask", kernel="elu")
     favor = RPEAttention(
-        12, 2, rpe="spe-conv", pos_dim=2, mode="mask", num_features=16,
+        12, 2, rpe="spe-conv", pos_dim=2, mode="mask", kernel="favor+", num_features=16,
         rpe_options=dict(grid_size=8, num_realizations=8),
     )  # fmt: skip
     assert (elu.rpe.dim, favor.rpe.dim) == (6, 16)

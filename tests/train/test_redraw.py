@@ -45,6 +45,7 @@ def tiny(qm9_root, out, *overrides):
             "model.num_features=16",
             "model.rpe=flt-kernel",
             "model.rpe_options={num_frequencies: 8, frequencies: mc}",
+            "model.kernel=favor+",  # random kernel features (the default ELU has none)
             "optim.lr=3e-3",
             f"train.out_dir={out}",
             "train.epochs=2",
