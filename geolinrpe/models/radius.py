@@ -28,9 +28,17 @@ structures (displacements below ``tie_tolerance / 2`` keep it), and forces equal
 differences of the energy wherever no neighbour crosses the cap distance ``d_k +
 tie_tolerance``; only ``max_num_neighbors=None`` (no cap) makes the edge set change only at
 the cutoff ``r``, where the models' cosine envelopes vanish with their first derivative. Memory is
-bounded by ``max_pairs``: centres are processed in chunks whose candidate pairs (the nodes of
-their own graph, times the images) add up to at most ``max_pairs`` (or one centre), so a
-packed batch costs ``O(sum_g n_g^2)`` work and one chunk of memory.
+bounded by ``max_pairs``: centres are processed in chunks whose candidate pairs add up to at
+most ``max_pairs`` (or one centre).
+
+Candidates (``radius_graph(method=...)``): every pair of each graph (``"all"``: O(sum_g n_g^2)
+work; what :func:`radius_graph_pbc` does, times the images), or cell lists (``"cells"``, the
+default for graphs above ``CELL_LIST_MIN`` nodes): the nodes are sorted into cubic cells of
+side ``r`` per graph, and a centre's candidates are the nodes of the ``3^p`` cells around its
+own, found by binary search over the sorted cell keys: O(n log n) work and O(edges) memory for
+clouds of bounded density. Both give the same edges (the same distances and rules decide).
+Measured on 2 CPU cores, 3D uniform clouds, r = 2 (about 15 neighbours per point): 4,096
+points 0.032 s against 0.98 s for all pairs, 16,384 points 0.17 s against 15.6 s.
 """
 
 from __future__ import annotations
@@ -41,7 +49,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["MAX_PAIRS", "RadiusInteractionGraph", "radius_graph", "radius_graph_pbc"]
+__all__ = [
+    "CELL_LIST_MIN",
+    "MAX_PAIRS",
+    "RadiusInteractionGraph",
+    "radius_graph",
+    "radius_graph_pbc",
+]
 
 FLOWS = ("source_to_target", "target_to_source")
 #: default bound on the candidate pairs held at once (about 100 MB of float32 differences)
@@ -125,6 +139,80 @@ def _chunks(cost: Tensor, max_pairs: int) -> list[tuple[int, int]]:
     return out
 
 
+def _cell_candidates(pos: Tensor, batch: Tensor, r: float):
+    """Cell lists: for each node, the nodes of its graph in the ``3^p`` cells of side ``r``
+    around its own (every pair closer than ``r`` is among them).
+
+    Returns ``(cost [n], pairs)`` with ``pairs(start, end) -> (i, j)``: the candidate pairs of
+    centres ``start .. end - 1``, sorted by centre then neighbour; or ``None`` when the cell
+    keys would overflow int64 (then use all pairs of each graph). O(n log n) time, memory
+    O(candidates) per chunk."""
+    n, p = pos.shape
+    graphs = int(batch[-1]) + 1
+    lo = torch.full((graphs, p), math.inf, dtype=pos.dtype, device=pos.device)
+    lo = lo.scatter_reduce(0, batch[:, None].expand(-1, p), pos, "amin")
+    cell = torch.floor((pos - lo[batch]) / r).long() + 1  # >= 1: the cell below exists
+    dims = (cell.max(0).values + 2).tolist()
+    if graphs * math.prod(dims) >= 2**62:
+        return None
+
+    def key(c: Tensor) -> Tensor:
+        out = batch.clone()
+        for axis in range(p):
+            out = out * dims[axis] + c[:, axis]
+        return out
+
+    own = key(cell)
+    order = torch.argsort(own, stable=True)
+    cells, sizes = torch.unique_consecutive(own[order], return_counts=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    offsets = torch.cartesian_prod(*[torch.tensor([-1, 0, 1], device=pos.device)] * p)
+    offsets = offsets.reshape(-1, p)
+    found_start, found_size = [], []
+    for offset in offsets:
+        wanted = key(cell + offset)
+        index = torch.searchsorted(cells, wanted).clamp(max=cells.numel() - 1)
+        hit = cells[index] == wanted
+        found_start.append(starts[index])
+        found_size.append(torch.where(hit, sizes[index], 0))
+    start_o, size_o = torch.stack(found_start, 1), torch.stack(found_size, 1)  # [n, 3^p]
+
+    def pairs(first: int, last: int) -> tuple[Tensor, Tensor]:
+        size = size_o[first:last].reshape(-1)
+        centre = torch.arange(first, last, device=pos.device).repeat_interleave(offsets.shape[0])
+        i = centre.repeat_interleave(size)
+        local = torch.arange(i.numel(), device=pos.device) - torch.repeat_interleave(
+            torch.cumsum(size, 0) - size, size
+        )
+        j = order[start_o[first:last].reshape(-1).repeat_interleave(size) + local]
+        sort = torch.argsort(i * n + j)
+        return i[sort], j[sort]
+
+    return size_o.sum(1), pairs
+
+
+def _all_pairs(batch: Tensor):
+    """Every pair of nodes of the same graph: ``(cost [n], pairs)`` as :func:`_cell_candidates`."""
+    counts = torch.bincount(batch)
+    ptr = torch.cumsum(counts, 0) - counts
+    cost = counts[batch]
+
+    def pairs(first: int, last: int) -> tuple[Tensor, Tensor]:
+        c = cost[first:last]
+        i = torch.arange(first, last, device=batch.device).repeat_interleave(c)
+        local = torch.arange(i.numel(), device=batch.device) - torch.repeat_interleave(
+            torch.cumsum(c, 0) - c, c
+        )
+        return i, ptr[batch[i]] + local
+
+    return cost, pairs
+
+
+#: graphs larger than this use cell lists in ``radius_graph(method="auto")``
+CELL_LIST_MIN = 256
+METHODS = ("auto", "cells", "all")
+
+
 def radius_graph(
     pos: Tensor,
     r: float,
@@ -134,6 +222,7 @@ def radius_graph(
     flow: str = "source_to_target",
     max_pairs: int = MAX_PAIRS,
     tie_tolerance: float | None = 0.01,
+    method: str = "auto",
 ) -> Tensor:
     r"""Edges between the nodes of each graph at distance ``|pos_i - pos_j| < r``.
 
@@ -154,24 +243,27 @@ def radius_graph(
         tie_tolerance: distance beyond the ``k``-th within which neighbours are kept too
             (default 0.01, in the unit of ``pos``); ``None``: a strict cap of exactly ``k``
             with ties to the lower index (not differentiable at symmetric structures).
+        method: candidate pairs from ``"cells"`` (cell lists of side ``r``: O(n) for
+            clouds of bounded density), ``"all"`` (every pair of each graph: O(sum n_g^2))
+            or ``"auto"`` (default: cells when a graph has more than ``CELL_LIST_MIN``
+            nodes). The edges are the same: only the candidates differ.
 
     Returns:
         ``edge_index [2, e]`` long, sorted by centre, then neighbour.
     """
     batch = _check(pos, r, batch, max_num_neighbors, flow)
     _check_tolerance(tie_tolerance)
-    counts = torch.bincount(batch)
-    ptr = torch.cumsum(counts, 0) - counts
-    cost = counts[batch]  # candidates per centre: the nodes of its graph
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     centres, neighbours = [], []
     with torch.no_grad():
+        candidates = None
+        large = batch.numel() and int(torch.bincount(batch).max()) > CELL_LIST_MIN
+        if method == "cells" or (method == "auto" and large):
+            candidates = _cell_candidates(pos, batch, r) if batch.numel() else None
+        cost, pairs = _all_pairs(batch) if candidates is None else candidates
         for start, end in _chunks(cost, max_pairs):
-            c = cost[start:end]
-            i = torch.arange(start, end, device=pos.device).repeat_interleave(c)
-            local = torch.arange(i.numel(), device=pos.device) - torch.repeat_interleave(
-                torch.cumsum(c, 0) - c, c
-            )
-            j = ptr[batch[i]] + local
+            i, j = pairs(start, end)
             dist2 = (pos[j] - pos[i]).pow(2).sum(-1)
             keep = dist2 < r * r
             if not loop:

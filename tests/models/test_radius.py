@@ -117,3 +117,40 @@ def test_radius_graph_pbc_batches_and_gradients():
     assert torch.bincount(limited[1]).max() <= 2
     with pytest.raises(ValueError, match="cell"):
         radius_graph_pbc(pos, cell[:1], 2.5, batch)
+
+
+# ------------------------------------------------------------------ cell lists (issue 12)
+@pytest.mark.parametrize("pos_dim", [1, 2, 3])
+@pytest.mark.parametrize("cap", [None, 6])
+@pytest.mark.parametrize("loop", [False, True])
+def test_cell_lists_give_the_edges_of_all_pairs(pos_dim, cap, loop):
+    g = torch.Generator().manual_seed(pos_dim)
+    n = 400
+    pos = (torch.rand(n, pos_dim, generator=g, dtype=torch.float64) - 0.5) * 20
+    pos[:40] = pos[40:80]  # duplicated points: zero distances and exact ties
+    grid = torch.arange(30, dtype=torch.float64)[:, None].expand(-1, pos_dim) * 1.5
+    pos[80:110] = grid  # points exactly on cell boundaries and at exactly r apart
+    batch = torch.sort(torch.randint(0, 4, (n,), generator=g) * 2).values  # empty graph ids
+    for max_pairs in (1 << 22, 97):  # one chunk, and many small ones
+        options = dict(loop=loop, max_num_neighbors=cap, max_pairs=max_pairs)
+        cells = radius_graph(pos, 1.5, batch, method="cells", **options)
+        every = radius_graph(pos, 1.5, batch, method="all", **options)
+        assert torch.equal(cells, every)
+    assert cells.shape[1] > 100  # a real test: many edges
+
+
+def test_cell_lists_edge_cases_and_auto():
+    one = torch.zeros(1, 3)
+    assert radius_graph(one, 1.0, method="cells").shape == (2, 0)
+    same = torch.zeros(50, 3)  # every point in one cell
+    torch.testing.assert_close(
+        radius_graph(same, 1.0, method="cells", max_num_neighbors=None),
+        radius_graph(same, 1.0, method="all", max_num_neighbors=None),
+    )
+    far = torch.tensor([[0.0, 0.0, 0.0], [1e18, 0.0, 0.0], [0.5, 0.0, 0.0]])
+    # keys would overflow int64: falls back to all pairs, same edges
+    assert torch.equal(radius_graph(far, 1.0, method="cells"), radius_graph(far, 1.0))
+    big = torch.rand(600, 3) * 10  # above CELL_LIST_MIN: auto takes cell lists
+    assert torch.equal(radius_graph(big, 1.2), radius_graph(big, 1.2, method="all"))
+    with pytest.raises(ValueError, match="method"):
+        radius_graph(big, 1.0, method="kd-tree")
