@@ -29,7 +29,7 @@ from torch import nn
 from .molecule import MoleculeTransformer, SphericalHarmonicsEmbedding
 from .patch import PatchTransformer
 from .point_cloud import PointCloudTransformer
-from .radius import RadiusInteractionGraph, radius_graph, radius_graph_pbc
+from .radius import RadiusInteractionGraph, knn_graph, radius_graph, radius_graph_pbc
 from .schnet import SchNetBaseline
 from .sequence import SequenceTransformer
 
@@ -92,6 +92,7 @@ __all__ = [
     "build_model",
     "model_names",
     "model_options",
+    "knn_graph",
     "radius_graph",
     "radius_graph_pbc",
 ]

@@ -5,7 +5,12 @@ import itertools
 import pytest
 import torch
 
-from geolinrpe.models.radius import RadiusInteractionGraph, radius_graph, radius_graph_pbc
+from geolinrpe.models.radius import (
+    RadiusInteractionGraph,
+    knn_graph,
+    radius_graph,
+    radius_graph_pbc,
+)
 
 D64 = torch.float64
 
@@ -154,3 +159,45 @@ def test_cell_lists_edge_cases_and_auto():
     assert torch.equal(radius_graph(big, 1.2), radius_graph(big, 1.2, method="all"))
     with pytest.raises(ValueError, match="method"):
         radius_graph(big, 1.0, method="kd-tree")
+
+
+@pytest.mark.parametrize("pos_dim", [1, 2, 3])
+@pytest.mark.parametrize("k", [1, 7])
+@pytest.mark.parametrize("loop", [False, True])
+def test_knn_graph_by_cell_lists_equals_all_pairs(pos_dim, k, loop):
+    g = torch.Generator().manual_seed(10 + pos_dim)
+    n = 420
+    pos = (torch.rand(n, pos_dim, generator=g, dtype=torch.float64) - 0.5) * 10
+    pos[:20] = pos[20:40]  # duplicates: distance ties go to the lower index
+    pos[40:60] = pos[40:41] + 1e3  # a far cluster: its nodes need a larger search radius
+    batch = torch.sort(torch.randint(0, 3, (n,), generator=g) * 2).values
+    batch[-3:] = 7  # a 3-node graph: fewer than k others
+    cells = knn_graph(pos, k, batch, loop=loop, method="cells")
+    every = knn_graph(pos, k, batch, loop=loop, method="all")
+    assert torch.equal(cells, every)
+    # against a dense reference: k smallest distances per node within its graph
+    j, i = every
+    dist = torch.cdist(pos, pos)
+    dist = dist.masked_fill(batch[:, None] != batch[None, :], float("inf"))
+    if not loop:
+        dist.fill_diagonal_(float("inf"))
+    for centre in (0, 25, 50, 200, n - 1):
+        row = dist[centre]
+        want = min(k, int(torch.isfinite(row).sum()))
+        got = j[i == centre]
+        assert got.numel() == want
+        assert float(row[got].max()) <= float(row.sort().values[want - 1]) + 1e-12
+
+
+def test_knn_graph_layout_and_errors():
+    pos = torch.rand(30, 3)
+    edges = knn_graph(pos, 4, flow="target_to_source")
+    assert edges.shape == (2, 120) and bool((edges[0][1:] >= edges[0][:-1]).all())
+    assert knn_graph(pos[:0], 4).shape == (2, 0)
+    big = torch.rand(700, 3)  # above CELL_LIST_MIN: auto takes cell lists
+    assert torch.equal(knn_graph(big, 5), knn_graph(big, 5, method="all"))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="k must be"):
+            knn_graph(pos, bad)
+    with pytest.raises(ValueError, match="method"):
+        knn_graph(pos, 3, method="ball-tree")
