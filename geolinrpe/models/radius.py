@@ -147,8 +147,9 @@ def _cell_candidates(pos: Tensor, batch: Tensor, r: float):
     """Cell lists: for each node, the nodes of its graph in the ``3^p`` cells of side ``r``
     around its own (every pair closer than ``r`` is among them).
 
-    Returns ``(cost [n], pairs)`` with ``pairs(start, end) -> (i, j)``: the candidate pairs of
-    centres ``start .. end - 1``, sorted by centre then neighbour; or ``None`` when the cell
+    Returns ``(cost [n], pairs)`` with ``pairs(start, end, centres=None) -> (i, j)``: the
+    candidate pairs of centres ``start .. end - 1`` (or of the node indices ``centres``),
+    sorted by centre then neighbour; or ``None`` when the cell
     keys would overflow int64 (then use all pairs of each graph). O(n log n) time, memory
     O(candidates) per chunk."""
     n, p = pos.shape
@@ -343,6 +344,7 @@ def knn_graph(
                     candidates, radius = _all_pairs(batch), math.inf
             cost, pairs = candidates
             short = []
+            done = torch.zeros(batch.numel(), dtype=torch.bool, device=pos.device)
             for start, end in _chunks(cost[nodes], MAX_PAIRS):
                 i, j = pairs(0, 0, nodes[start:end])
                 dist2 = (pos[j] - pos[i]).pow(2).sum(-1)
@@ -353,8 +355,7 @@ def knn_graph(
                 found = torch.bincount(i, minlength=batch.numel())[nodes[start:end]]
                 enough = found >= wanted[nodes[start:end]]
                 short.append(nodes[start:end][~enough])
-                done = torch.zeros(batch.numel(), dtype=torch.bool, device=pos.device)
-                done[nodes[start:end][enough]] = True
+                done[nodes[start:end][enough]] = True  # their candidates are final
                 sel = done[i]
                 i, j, dist2 = i[sel], j[sel], dist2[sel]
                 chosen = _nearest(i, dist2, k, None)

@@ -340,8 +340,7 @@ class RadialRPE(FourierRPE):
             self.rule = lattice_rule(3, num_frequencies, "gaussian", self.quadrature_range)
             scale = 2 * math.pi * self.init_lengthscale[:, None]  # [h, 1]
             nodes = self.rule.nodes[None] / scale[..., None]  # [h, m, 3]
-            density = torch.exp(-self.rule.nodes.pow(2).sum(-1) / 2) / (2 * math.pi) ** 1.5
-            volume = num_frequencies * (self.rule.weights / density)[None] / scale**3
+            volume = num_frequencies * self.rule.volumes[None] / scale**3
             self.register_buffer("quadrature_nodes", nodes.float(), False)
             self.register_buffer("quadrature_weights", volume.float(), False)
             self.modes = ("mask", "logit", "product")
