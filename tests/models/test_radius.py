@@ -201,3 +201,154 @@ def test_knn_graph_layout_and_errors():
             knn_graph(pos, bad)
     with pytest.raises(ValueError, match="method"):
         knn_graph(pos, 3, method="ball-tree")
+
+
+def test_knn_graph_cell_lists_on_clustered_points():
+    """A dense cluster in a sparse cloud: wide padded rows fall back to sorting, and several
+    search radii are needed; still the edges of all pairs."""
+    g = torch.Generator().manual_seed(5)
+    pos = torch.cat([torch.rand(300, 3, generator=g) * 40, torch.rand(200, 3, generator=g)])
+    pos = pos.to(D64)
+    pos[300:320] = pos[320:340]  # exact distance ties inside the cluster
+    for k in (3, 16):
+        for loop in (False, True):
+            cells = knn_graph(pos, k, loop=loop, method="cells")
+            assert torch.equal(cells, knn_graph(pos, k, loop=loop, method="all"))
+
+
+# ------------------------------------------------------------ periodic cell lists (issue 12)
+def pbc_case(name):
+    """``(pos, cell, batch, pbc, r)`` of the periodic test systems."""
+    g = torch.Generator().manual_seed(len(name))
+    if name == "triclinic_small":  # r larger than the cell: many images, an unwrapped atom
+        cell = torch.tensor([[2.5, 0.0, 0.0], [0.7, 2.2, 0.0], [0.3, -0.4, 2.8]], dtype=D64)
+        frac = torch.rand(6, 3, generator=g, dtype=D64)
+        frac[0] += torch.tensor([1.0, -1.0, 0.0], dtype=D64)
+        return frac @ cell, cell[None], None, (True, True, True), 5.0
+    if name == "cubic_large":  # wrapped atoms at ~0.45 per unit volume, 15 neighbours
+        n = 500
+        side = (n / 0.45) ** (1 / 3)
+        pos = torch.rand(n, 3, generator=g, dtype=D64) * side
+        pos[:10] = pos[10:20] + torch.tensor([side, 0.0, 0.0], dtype=D64)  # images coincide
+        return pos, side * torch.eye(3, dtype=D64)[None], None, (True, True, True), 2.0
+    if name == "slab":
+        cell = torch.tensor([[9.0, 0.0, 0.0], [4.5, 7.8, 0.0], [0.0, 0.0, 30.0]], dtype=D64)
+        frac = torch.rand(400, 3, generator=g, dtype=D64) * torch.tensor([1.0, 1.0, 0.3])
+        return frac @ cell, cell[None], None, (True, True, False), 3.0
+    # several graphs in one batch: a small cell, a large one and a slab
+    sizes = [5, 300, 280]
+    cells = torch.stack(
+        [
+            torch.tensor([[3.0, 0.0, 0.0], [0.0, 3.2, 0.0], [0.5, 0.0, 2.9]]),
+            9.0 * torch.eye(3),
+            torch.tensor([[8.0, 0.0, 0.0], [0.0, 8.0, 0.0], [0.0, 0.0, 20.0]]),
+        ]
+    ).to(D64)
+    batch = torch.repeat_interleave(torch.arange(3), torch.tensor(sizes))
+    frac = torch.rand(sum(sizes), 3, generator=g, dtype=D64)
+    pos = torch.einsum("na,nab->nb", frac, cells[batch])
+    pbc = torch.tensor([[True, True, True], [True, True, True], [True, True, False]])
+    return pos, cells, batch, pbc, 3.5
+
+
+PBC_CASES = ["triclinic_small", "cubic_large", "slab", "batch"]
+
+
+def _pbc_options():
+    return [
+        dict(loop=False, max_num_neighbors=None),
+        dict(loop=True, max_num_neighbors=12),
+        dict(loop=False, max_num_neighbors=12, tie_tolerance=None),
+    ]
+
+
+_REFERENCE = {}
+
+
+def pbc_reference(name, index):
+    """All-pairs edges of ``pbc_case(name)`` with ``_pbc_options()[index]`` (computed once)."""
+    if (name, index) not in _REFERENCE:
+        pos, cell, batch, pbc, r = pbc_case(name)
+        options = _pbc_options()[index]
+        _REFERENCE[name, index] = radius_graph_pbc(
+            pos, cell, r, batch, pbc, method="all", **options
+        )
+    return _REFERENCE[name, index]
+
+
+def _same_pbc(got, ref):
+    assert torch.equal(got[0], ref[0])
+    assert torch.equal(got[1], ref[1])
+
+
+@pytest.mark.parametrize("name", PBC_CASES)
+def test_radius_graph_pbc_cell_lists_equal_all_pairs(name):
+    pos, cell, batch, pbc, r = pbc_case(name)
+    for index, options in enumerate(_pbc_options()):
+        ref = pbc_reference(name, index)
+        assert ref[0].shape[1] > 10 * pos.shape[0] // 2  # a real test: many edges
+        _same_pbc(radius_graph_pbc(pos, cell, r, batch, pbc, method="cells", **options), ref)
+        chunked = radius_graph_pbc(
+            pos, cell, r, batch, pbc, method="cells", max_pairs=5000, **options
+        )
+        _same_pbc(chunked, ref)
+
+
+def test_radius_graph_pbc_cells_shift_gradient_and_auto():
+    pos, cell, batch, pbc, r = pbc_case("batch")
+    cell = cell.clone().requires_grad_(True)
+    edge_index, shift = radius_graph_pbc(pos, cell, r, batch, pbc, method="cells")
+    j, i = edge_index
+    (pos[j] + shift - pos[i]).norm(dim=-1).sum().backward()
+    assert torch.isfinite(cell.grad).all() and cell.grad.abs().sum() > 0
+    auto = radius_graph_pbc(pos, cell.detach(), r, batch, pbc, max_num_neighbors=None)
+    _same_pbc(auto, pbc_reference("batch", 0))  # cells (or vesin) above CELL_LIST_MIN
+    with pytest.raises(ValueError, match="method"):
+        radius_graph_pbc(pos, cell, r, batch, pbc, method="kd-tree")
+
+
+def test_radius_graph_pbc_cells_float32():
+    pos, cell, _, pbc, r = pbc_case("cubic_large")
+    pos, cell = pos.float(), cell.float()
+    ref = radius_graph_pbc(pos, cell, r, pbc=pbc, method="all")
+    _same_pbc(radius_graph_pbc(pos, cell, r, pbc=pbc, method="cells"), ref)
+
+
+def test_vesin_missing_raises(monkeypatch):
+    import geolinrpe.models.radius as radius
+
+    monkeypatch.setattr(radius, "_VESIN", False)
+    pos = torch.rand(300, 3)
+    with pytest.raises(ImportError, match="vesin"):
+        radius_graph(pos, 1.0, method="vesin")
+    with pytest.raises(ImportError, match="vesin"):
+        radius_graph_pbc(pos, torch.eye(3)[None] * 5, 1.0, method="vesin")
+    # auto falls back to cell lists
+    assert torch.equal(radius_graph(pos, 1.0), radius_graph(pos, 1.0, method="all"))
+
+
+@pytest.mark.parametrize("name", PBC_CASES)
+def test_vesin_equals_reference(name):
+    pytest.importorskip("vesin_torch")
+    pos, cell, batch, pbc, r = pbc_case(name)
+    for index, options in enumerate(_pbc_options()):
+        ref = pbc_reference(name, index)
+        _same_pbc(radius_graph_pbc(pos, cell, r, batch, pbc, method="vesin", **options), ref)
+    # non-periodic: the same points as a cloud (several graphs when batched), float32 too
+    for dtype in (D64, torch.float32):
+        x = pos.to(dtype)
+        for options in _pbc_options():
+            ref = radius_graph(x, r, batch, method="all", **options)
+            assert torch.equal(radius_graph(x, r, batch, method="vesin", **options), ref)
+
+
+def test_sort_edges_in_int32_blocks():
+    from geolinrpe.models.radius import _sort_edges
+
+    g = torch.Generator().manual_seed(0)
+    for n in (10, 100_000, 300_000):  # one block, several, and one centre per block
+        i = torch.sort(torch.randint(0, n, (50_000,), generator=g)).values
+        j = torch.randint(0, n, (50_000,), generator=g)
+        assert torch.equal(_sort_edges(i, j, n), torch.argsort(i * n + j, stable=True))
+    big = 2**40  # no int32 block fits: one int64 sort
+    assert torch.equal(_sort_edges(i, j, big), torch.argsort(i * big + j))
