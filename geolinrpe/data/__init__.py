@@ -6,7 +6,7 @@ it could not read by input, and yields PyG ``Data`` objects that batch both pack
 
 Names are imported on first use (``import geolinrpe.data`` itself loads nothing heavy), so
 each loader needs only its own extra: ``pip install "geolinrpe[data]"`` (PyG, ASE, OC20,
-point clouds, images) or ``"geolinrpe[qm9]"`` (QM9, SMILES).
+point clouds, scenes, images) or ``"geolinrpe[qm9]"`` (QM9, SMILES).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ _WHERE = {
     "SyntheticShapes": "point_clouds",
     "random_rotation": "point_clouds",
     "read_point_cloud": "point_clouds",
+    "ContextScenes": "scenes",
     "QM9": "qm9",
     "TARGETS": "qm9",
     "atom_refs": "qm9",
