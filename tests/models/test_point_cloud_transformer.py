@@ -5,7 +5,8 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from geolinrpe.data import SyntheticShapes, collate_padded
-from geolinrpe.models import PointCloudTransformer
+from geolinrpe.models import PointCloudTransformer, knn_graph
+from geolinrpe.models.point_cloud import LocalAggregation, pointcept_batch
 from geolinrpe.nn import use_reference
 from geolinrpe.testing import (
     assert_padding_consistent,
@@ -115,9 +116,63 @@ def test_training_on_synthetic_shapes_decreases_loss():
     assert losses[-1] < 0.6 * losses[0]
 
 
+LOCAL = dict(local="knn", local_k=3, local_radius=1.5)
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation"])
+@pytest.mark.parametrize("kw", [dict(FRAME), dict(rpe=None), dict(num_layers=0)])
+def test_local_stage_invariances_and_padding(task, kw):
+    model = tiny(task=task, pooling="mean+max", **LOCAL, **kw)
+    assert len(model.local_stage) == 2 and (model.encoder is None) == (kw.get("num_layers") == 0)
+    pos, batch = clouds([10, 6, 1, 7])
+    fn = as_fn(model)
+    assert_translation_invariant(fn, pos, pos, batch=batch, **TIGHT)
+    assert_rotation_invariant(fn, pos, pos, batch=batch, **TIGHT)
+    assert_permutation_equivariant(fn, pos, pos, batch=batch, **TIGHT)
+    assert_padding_consistent(fn, pos, pos, batch, **TIGHT)
+
+
+def test_local_aggregation_equals_a_loop_over_neighbours():
+    torch.manual_seed(0)
+    layer = LocalAggregation(6, radius=2.0).to(D64)
+    pos, batch = clouds([9, 5])
+    h = torch.randn(14, 6, dtype=D64)
+    edge_index = knn_graph(pos, 4, batch)
+    out = layer(h, pos, edge_index)
+    a, b = layer.node(layer.norm(h)).chunk(2, -1)
+    for i in range(14):
+        nbrs = edge_index[0, edge_index[1] == i]
+        dist = (pos[nbrs] - pos[i]).norm(dim=-1, keepdim=True)
+        basis = torch.exp(-(((dist - layer.centers) / layer.width) ** 2))
+        msg = torch.nn.functional.gelu(a[nbrs] + b[i] + layer.edge(basis)).amax(0)
+        torch.testing.assert_close(out[i], h[i] + layer.out(msg), **TIGHT)
+
+
+def test_pointcept_inputs_equal_a_pyg_batch():
+    model = tiny(task="segmentation", in_channels=2, **LOCAL)
+    pos, batch = clouds([7, 12])
+    feat = torch.randn(19, 2, dtype=D64)
+    want = model(Batch(pos=pos, x=feat, batch=batch))
+    got = model({"coord": pos, "feat": feat, "offset": torch.tensor([7, 19], dtype=torch.int32)})
+    torch.testing.assert_close(got, want, **TIGHT)
+    converted = pointcept_batch({"coord": pos, "offset": torch.tensor([7, 19])})
+    assert torch.equal(converted["batch"], batch) and "x" not in converted
+    for offset in ([7, 18], [12, 7, 19], [7.0, 19.0]):
+        with pytest.raises(ValueError, match="offset"):
+            pointcept_batch({"coord": pos, "offset": torch.tensor(offset)})
+
+
 @pytest.mark.parametrize(
     "bad",
-    [dict(task="detection"), dict(pooling="median"), dict(max_radius=0.0), dict(num_radial=0)],
+    [
+        dict(task="detection"),
+        dict(pooling="median"),
+        dict(max_radius=0.0),
+        dict(num_radial=0),
+        dict(num_layers=0),
+        dict(local="radius"),
+        dict(local="knn", local_k=0),
+    ],
 )
 def test_bad_options(bad):
     with pytest.raises(ValueError):
