@@ -88,6 +88,15 @@ def test_point_cloud_classification(tmp_path):
     _run_files(out)
 
 
+@pytest.mark.parametrize("local_only", [False, True])
+def test_point_cloud_scale(local_only, capsys):
+    main = _load("examples/point_cloud_scale.py").main
+    args = ["--points", "600", "--seconds", "0.5", "--test", "1"]
+    results = main(args + (["--local-only"] if local_only else []))
+    assert 0.0 <= results["accuracy"] <= 1.0 and results["steps"] >= 1
+    assert "test accuracy" in capsys.readouterr().out
+
+
 def test_image_patches(tmp_path):
     main = _load("examples/image_patches.py").main
     out = tmp_path / "run"

@@ -55,16 +55,12 @@ decide):
   ``KNN_FILL (k + 1)`` nodes, doubled for the nodes that find fewer than ``k``).
 
 Measured with ``benchmarks/neighbour_search.py`` (3D uniform clouds at 0.45 points per unit
-volume, r = 2: about 15 neighbours per point; float32; ONE torch thread, while another job
-kept the 2-core machine's load average at 2.5-3.0, so these are upper bounds; two torch
-threads on that loaded machine were 10x slower, from contention): ``radius_graph`` (cap 32
-or none) at 4,096 / 16,384 / 100,000 points 0.008 / 0.038 / 0.37-0.41 s with cells, 0.007 /
-0.035 / 0.30-0.33 s with vesin, 1.2 / 13-18 s / - with all pairs (the previous cell lists,
-interleaved with these in one run: 0.28 s and 2.2 s at 16,384 and 100,000 points);
-``knn_graph`` (k = 16) 0.026 / 0.13-0.16 / 0.88-0.93 s (all pairs 2.1 / 24 s; previous cell
-lists 0.71 and 4.9 s);
-``radius_graph_pbc`` (cubic periodic box, cap 32) at 1,000 / 4,096 / 16,384 atoms 0.005 /
-0.016 / 0.072 s with cells, about the same with vesin, 1.8 s / - / - with all pairs.
+volume, r = 2: about 14 neighbours per point; float32; 2 CPU cores, 2 torch threads):
+``radius_graph`` at 4,096 / 16,384 / 100,000 points 7 / 25 / 257 ms with cells, 6 / 22 /
+158 ms with vesin, 0.58 / 12.8 s / - with all pairs; ``knn_graph`` (k = 16) 17 / 97 /
+550 ms (all pairs 1.3 / 18.9 s); ``radius_graph_pbc`` (cubic periodic box, cap 32) at 1,000 /
+4,096 / 16,384 atoms 4 / 9 / 41 ms with cells, about the same with vesin, 0.79 s / - / - with
+all pairs. Every edge set equal to the reference. Results: ``benchmarks/RESULTS.md``.
 """
 
 from __future__ import annotations
