@@ -207,37 +207,32 @@ def measure(name: str, num_points: int, limit_gib: float = EXACT_LIMIT_GIB) -> d
 
 
 def cost(name: str, num_points: int, limit_gib: float) -> dict:
+    """The cost record of one (model, N), measured in a subprocess, or why it was not run."""
+    note = None
     if name.startswith("exact") and not exact_fits(num_points, limit_gib):
         need = 3 * COMMON["num_heads"] * num_points**2 * 4 / 2**30
-        return {
-            "part": "cost",
-            "model": name,
-            "n_points": num_points,
-            "step_seconds": None,
-            "peak_mib": None,
-            "accuracy": None,
-            "fits": False,
-            "note": f"score tensors need about {need:.0f} GiB per block (limit {limit_gib} GiB)",
-        }
-    cmd = [sys.executable, __file__, "--_measure", name, str(num_points), str(limit_gib)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode:
-        return {
-            "part": "cost",
-            "model": name,
-            "n_points": num_points,
-            "step_seconds": None,
-            "peak_mib": None,
-            "accuracy": None,
-            "fits": False,
-            "note": run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed",
-        }
-    return {**json.loads(run.stdout.strip().splitlines()[-1]), "fits": True}
+        note = f"score tensors need about {need:.0f} GiB per block (limit {limit_gib} GiB)"
+    else:
+        cmd = [sys.executable, __file__, "--_measure", name, str(num_points), str(limit_gib)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if not run.returncode:
+            return {**json.loads(run.stdout.strip().splitlines()[-1]), "fits": True}
+        note = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else "failed"
+    return {
+        "part": "cost",
+        "model": name,
+        "n_points": num_points,
+        "step_seconds": None,
+        "peak_mib": None,
+        "accuracy": None,
+        "fits": False,
+        "note": note,
+    }
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="4k points, 40 s budgets, N <= 16k")
+    p.add_argument("--quick", action="store_true", help="2k points, 40 s budgets, N <= 16k")
     p.add_argument("--train-points", type=int, default=4096, help="points per training scene")
     p.add_argument("--test-points", type=int, nargs="+", default=[4096, 8192])
     p.add_argument("--budget", type=float, default=300.0, help="training seconds per model")
