@@ -216,7 +216,7 @@ class PointCloudTransformer(nn.Module):
         self.register_buffer("centers", torch.linspace(0.0, max_radius, num_radial))
         self.width = max_radius / max(num_radial - 1, 1)
         self.input = nn.Linear(num_radial + in_channels, embed_dim)
-        self.local, self.local_k = local, local_k
+        self.local_k = local_k
         self.local_stage = nn.ModuleList(
             LocalAggregation(embed_dim, local_radius) for _ in range(local_layers if local else 0)
         )
