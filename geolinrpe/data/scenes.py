@@ -16,9 +16,8 @@ object ``a`` is
 Placement keeps centres at least ``2 object_radius + gap`` apart and keeps the
 centre-to-centre distance of every pair with a red member out of ``[R - margin, R + margin]``,
 so no label sits on the decision boundary. (The rule "an object of the *other* kind within
-``R``" is an XOR of the point's own kind and its surroundings; the models of
-``benchmarks/point_cloud_scale.py`` stayed at chance on it for 300 steps, where this rule is
-learnt.)
+``R``" is an XOR of the point's own kind and its surroundings; in a first test, FLT stayed at
+60% on it after 300 steps where it reached 79% on this rule.)
 
 Why a local model cannot solve it, by construction: objects are ``gap`` apart from surface to
 surface, while a local stage of ``k``-NN or radius message passing over a densely sampled
