@@ -190,6 +190,12 @@ class RPEAttention(nn.Module):
             raise ValueError(
                 f"normalize must be one of {allowed} in {mode} mode here, got {normalize!r}"
             )
+        if getattr(rpe, "complete_diagonal", False) and (mode, normalize) != ("mask", "none"):
+            raise ValueError(
+                f"{type(rpe).__name__} with complete_diagonal=True needs mode='mask' and "
+                f"normalize='none' (got mode={mode!r}, normalize={normalize!r}); or build the "
+                "RPE with complete_diagonal=False"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
@@ -358,7 +364,27 @@ class RPEAttention(nn.Module):
         if calibrate and self.causal:  # later tokens must not change earlier outputs
             with torch.no_grad():
                 calibrate_featurizer(featurizer, q, k, pos, valid)
+        out = self._complete_diagonal(out, q, k, v, pos, key_padding_mask, exact_kernel=False)
         return self.out(out.flatten(-2))
+
+    def _complete_diagonal(self, out, q, k, v, pos, key_padding_mask, exact_kernel: bool):
+        """``out_i + K(q_i, k_i) (f(0) - f_hat(0)) v_i`` for RPEs with ``complete_diagonal``
+        (mask mode, ``normalize="none"``); ``out`` unchanged otherwise. O(n)."""
+        if not getattr(self.rpe, "complete_diagonal", False):
+            return out
+        fm, scale = self.featurizer.feature_map, self.featurizer.input_scale
+        if exact_kernel:  # each token as its own length-1 sequence: K(q_i, k_i)
+            single = [(t * scale).reshape(-1, 1, *t.shape[-2:]).transpose(1, 2) for t in (q, k)]
+            kii = fm.kernel(*single).reshape(q.shape[:-1])
+        else:
+            (phi_q, scale_q), (phi_k, scale_k) = fm(q * scale), fm(k * scale)
+            kii = (phi_q * phi_k).sum(-1)
+            if scale_q is not None:
+                kii = kii * torch.exp(scale_q + scale_k)
+        weight = kii * self.rpe.diagonal_correction(pos).to(kii.dtype)  # [..., n, h]
+        if key_padding_mask is not None:
+            weight = weight.masked_fill(key_padding_mask[..., None], 0.0)
+        return out + weight[..., None].to(out.dtype) * v
 
     def _quadratic(self, q, v, featurizer, batch, key_padding_mask) -> bool:
         """Whether ``quadratic_below`` sends this input to the explicit O(n^2) form."""
@@ -432,6 +458,7 @@ class RPEAttention(nn.Module):
             out = feature_attention(
                 q, k, v, pos, featurizer=featurizer, normalize=normalize, **layout
             )
+            out = self._complete_diagonal(out, q, k, v, pos, key_padding_mask, False)
         elif self.rpe is None:
             dense = (lambda t: t[None]) if batch is not None else (lambda t: t)  # noqa: E731
             kmat = kernel_matrix(featurizer, dense(q), dense(k), exact=True)
@@ -450,6 +477,9 @@ class RPEAttention(nn.Module):
                 rpe=rpe,
                 **layout,
             )
+            if rpe == "features":  # the exact f's diagonal is completed in pairwise
+                exact_kernel = kernel == "exact"
+                out = self._complete_diagonal(out, q, k, v, pos, key_padding_mask, exact_kernel)
         return self.out(out.flatten(-2))
 
     def extra_repr(self) -> str:

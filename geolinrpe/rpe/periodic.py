@@ -1,4 +1,5 @@
-r"""FLT RPE for periodic cells: the lattice image sum of a Gaussian (``"flt-periodic"``).
+r"""FLT RPE for periodic cells: the lattice image sum of a Gaussian or of a screened Coulomb
+potential, the reciprocal-space part of an Ewald sum (``"flt-periodic"``).
 
 Crystals (3D periodic) and slabs (periodic along two cell vectors, as in OC20) need an
 ``f`` that is periodic on the lattice. With the cell ``L`` (rows ``a_1, a_2, a_3``, one per
@@ -51,6 +52,40 @@ series by the Kronecker product of the two feature vectors: ``2M x 2 m_perp = 4 
 features with ``M = ((2K + 1)^d + 1) / 2`` (400 for a slab with ``K = 3``, ``m_perp = 4``).
 ``closed_form`` uses the exact normal factor, ``estimate`` the current draw's.
 
+Coulomb spectrum (``spectrum="coulomb"``, crystals only): the same series with
+
+.. math::
+
+    \hat g(\xi) = \frac{A}{\pi |\xi|^2} e^{-2 \pi^2 l^2 |\xi|^2} \;(\xi \ne 0), \qquad
+    \hat g(0) = 0,
+
+the Fourier transform of ``A erf(|r| / (sqrt(2) l)) / |r|``, the potential of a Gaussian
+charge of width ``l``. With ``k = 2 pi xi`` it is ``(4 pi A / V) sum_(k != 0)
+exp(-k^2 l^2 / 2) / k^2 cos(k . Delta)``: the reciprocal-space Ewald kernel with splitting
+parameter ``alpha = 1 / (sqrt(2) l)`` and a neutralising background (no ``k = 0`` term), so
+for charges ``q`` (values) ``1/2 sum_ij q_i q_j f(r_i - r_j)`` is ``A`` times the
+reciprocal-space Ewald energy (:func:`geolinrpe.physics.ewald`; test). Linear attention over
+these features is an O(n) learned reciprocal-space interaction: ``A`` and ``l`` are learned
+per head, and the heads' spectra mix through the values. ``f`` has zero mean over the cell,
+so constant values cancel (for neutral systems the background is exact). The real-space
+image sum converges only conditionally; :meth:`PeriodicRPE.image_sum` is for the Gaussian.
+
+Exact self term (``complete_diagonal``, default on for the Coulomb spectrum, crystals only):
+a truncated series misses ``f(0) - f_hat(0)`` at ``i = j``, a token's interaction with its
+own images, which for the Coulomb kernel is ``A`` times the cell's Madelung self-potential
+and depends on the box size as ``1 / L``: a model trained on small boxes would carry the
+wrong constant per atom to large ones. The completion adds the missing part exactly, per
+graph and head: ``out_i += K(q_i, k_i) (f(0) - f_hat(0)) v_i`` in
+:class:`~geolinrpe.nn.RPEAttention` (mask mode, ``normalize="none"``: O(n), no pair terms) and
+on the diagonal of :meth:`PeriodicRPE.pairwise` with ``exact=True`` (the O(n^2) reference).
+:meth:`PeriodicRPE.diagonal_correction` computes it from the encoded geometry: for the Gaussian
+``f(0) = A sum_R exp(-|R|^2 / (2 l^2))``; for the Coulomb kernel, with ``alpha = 1 /
+(sqrt(2) l)`` and the cell's self-potential ``phi_self = 2 E_1`` (the Ewald energy of one unit
+charge per cell, :func:`geolinrpe.physics.ewald`, carried in the encoding),
+``f(0) = A [phi_self + 2 alpha / sqrt(pi) + pi / (V alpha^2)
+- sum_(R != 0) erfc(alpha |R|) / |R|]``.
+Lattice sums run over ``|R| <= 9 l`` (neglected terms below 1e-16).
+
 Truncation: every omitted ``n`` has ``|xi_n| >= (K + 1) / a_max`` (``xi_n . a_k = n_k``),
 so the relative error of the series is about ``exp(-2 pi^2 l^2 (K + 1)^2 / a_max^2)``:
 ``K + 1 >= (a_max / (pi l)) sqrt(ln(1 / eps) / 2)`` for a tolerance ``eps``. Cells much
@@ -71,6 +106,7 @@ dimensions, m perpendicular frequencies.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -79,6 +115,27 @@ from torch import Tensor, nn
 
 from ..features.positive_random import gaussian_orthogonal_matrix
 from .base import FourierRPE, _check_positive_ints, _split_scale
+
+SPECTRA = ("gaussian", "coulomb")
+
+
+def self_potential(cell: Tensor) -> Tensor:
+    """``phi_self = 2 E_1`` of each cell ``[g, 3, 3]`` -> ``[g]``: the potential a unit
+    charge feels from its own periodic images and the neutralising background (Gaussian
+    units; ``-2.837297 / L`` for a cube of side ``L``). Data, not learned: no gradient."""
+    rows = cell.detach().double().cpu().numpy()
+    values = [_self_potential(row.tobytes()) for row in rows]
+    return torch.tensor(values, dtype=cell.dtype, device=cell.device)
+
+
+@functools.lru_cache(maxsize=4096)
+def _self_potential(cell_bytes: bytes) -> float:
+    """Cached per cell (training sets repeat their cells every epoch): about 1.4 ms each."""
+    from ..physics.ewald import ewald
+
+    cell = torch.frombuffer(bytearray(cell_bytes), dtype=torch.float64).reshape(3, 3)
+    one, origin = torch.ones(1, dtype=torch.float64), torch.zeros(1, 3, dtype=torch.float64)
+    return 2 * float(ewald(origin, one, cell, coulomb_constant=1.0, tolerance=1e-12))
 
 
 def half_space_indices(max_index: int, dim: int) -> tuple[Tensor, Tensor]:
@@ -96,7 +153,8 @@ def half_space_indices(max_index: int, dim: int) -> tuple[Tensor, Tensor]:
 
 
 class PeriodicRPE(FourierRPE):
-    r"""Lattice image sum of a Gaussian per head, for crystals and slabs (``"flt-periodic"``).
+    r"""Lattice image sum of a Gaussian (or a screened Coulomb potential) per head, for crystals
+    and slabs (``"flt-periodic"``).
 
     FourierLearner-Transformer RPE (Choromanski et al., `"Learning a Fourier Transform for
     Linear Relative Positional Encodings in Transformers" <https://arxiv.org/abs/2302.01925>`_,
@@ -127,6 +185,13 @@ class PeriodicRPE(FourierRPE):
             factor (default 4; unused when every direction is periodic).
         lengthscale: initial ``l`` in position units (default 1.0).
         amplitude: initial ``A`` (default 1.0; 0.0 = neutral logit-mode bias).
+        spectrum: ``"gaussian"`` (default: the image sum of a Gaussian) or ``"coulomb"``
+            (the reciprocal-space Ewald kernel of a Gaussian charge of width ``l``; every
+            direction periodic).
+        complete_diagonal: add the truncated series' missing ``f(0) - f_hat(0)`` to each
+            token's own term (module docstring; crystals only; needs mask mode with
+            ``normalize="none"`` in the layer). Default: ``True`` for ``"coulomb"``, else
+            ``False``.
 
     Shapes:
         ``encode_positions(pos [n, 3] or [b, n, 3], cell [g, 3, 3])`` -> ``[..., n, E]`` with
@@ -150,6 +215,8 @@ class PeriodicRPE(FourierRPE):
         num_perp_frequencies: int = 4,
         lengthscale: float = 1.0,
         amplitude: float = 1.0,
+        spectrum: str = "gaussian",
+        complete_diagonal: bool | None = None,
     ) -> None:
         if pos_dim != 3:
             raise ValueError(f"pos_dim must be 3 for a periodic RPE, got {pos_dim!r}")
@@ -164,13 +231,26 @@ class PeriodicRPE(FourierRPE):
         ):
             raise ValueError(f"pbc must be three bools, at least one True, got {pbc!r}")
         _check_positive_ints(num_perp_frequencies=num_perp_frequencies)
+        if spectrum not in SPECTRA:
+            raise ValueError(f"spectrum must be one of {SPECTRA}, got {spectrum!r}")
+        if spectrum == "coulomb" and not all(pbc):
+            raise ValueError(
+                "spectrum='coulomb' needs every direction periodic (a slab's Coulomb kernel "
+                f"does not factor into a lattice series times a normal factor), got pbc={pbc}"
+            )
         if not lengthscale > 0:
             raise ValueError(f"lengthscale must be positive, got {lengthscale}")
         periodic_dims = sum(pbc)
         index, multiplicity = half_space_indices(max_index, periodic_dims)
         super().__init__(pos_dim, num_heads, index.shape[0])
         self.max_index = max_index
+        if complete_diagonal is None:
+            complete_diagonal = spectrum == "coulomb"
+        if complete_diagonal and not all(pbc):
+            raise ValueError(f"complete_diagonal needs every direction periodic, got pbc={pbc}")
         self.pbc = pbc
+        self.spectrum = spectrum
+        self.complete_diagonal = bool(complete_diagonal)
         self.periodic_dims = periodic_dims
         self.perp_dims = 3 - periodic_dims
         self.num_perp_frequencies = num_perp_frequencies
@@ -219,8 +299,13 @@ class PeriodicRPE(FourierRPE):
 
     @property
     def encoded_dim(self) -> int:
-        """Per-token size ``E = 3 + d^2 + 1`` of :meth:`encode_positions`."""
-        return 3 + self.periodic_dims**2 + 1
+        """Per-token size ``E = 3 + d^2 + 1`` of :meth:`encode_positions` (``+ 1`` for the
+        cell's self-potential with the Coulomb spectrum's ``complete_diagonal``)."""
+        return 3 + self.periodic_dims**2 + 1 + int(self._carries_self_potential)
+
+    @property
+    def _carries_self_potential(self) -> bool:
+        return self.complete_diagonal and self.spectrum == "coulomb"
 
     # ------------------------------------------------------------------ geometry
     def cell_geometry(self, cell: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -265,7 +350,10 @@ class PeriodicRPE(FourierRPE):
 
     def _encode(self, pos: Tensor, batch: Tensor | None, cell: Tensor) -> Tensor:
         to_frac, perp, metric_inv, inv_volume = self.cell_geometry(cell)
-        geometry = torch.cat([metric_inv.flatten(-2), inv_volume[:, None]], -1)  # [g, d^2 + 1]
+        columns = [metric_inv.flatten(-2), inv_volume[:, None]]  # [g, d^2 + 1]
+        if self._carries_self_potential:
+            columns.append(self_potential(cell)[:, None])
+        geometry = torch.cat(columns, -1)
         if pos.dim() == 2:
             if batch is None:
                 batch = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device)
@@ -284,6 +372,7 @@ class PeriodicRPE(FourierRPE):
 
     # ------------------------------------------------------------------ features
     def _split(self, data: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(frac, normal, metric_inv, inv_volume)`` of encoded positions or pair data."""
         if data.shape[-1] != self.encoded_dim:
             raise ValueError(
                 f"PeriodicRPE expects encoded positions or pair data with {self.encoded_dim} "
@@ -292,7 +381,7 @@ class PeriodicRPE(FourierRPE):
         d = self.periodic_dims
         frac, normal = data[..., :d], data[..., d:3]
         metric_inv = data[..., 3 : 3 + d * d].unflatten(-1, (d, d))
-        return frac, normal, metric_inv, data[..., -1]
+        return frac, normal, metric_inv, data[..., 3 + d * d]
 
     def _lattice(self, data: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``cos, sin [..., M]`` and importance weights ``a [..., h, M]``."""
@@ -301,10 +390,13 @@ class PeriodicRPE(FourierRPE):
         phase = 2 * math.pi * frac @ index.T
         sq_norm = torch.einsum("...ij,mi,mj->...m", metric_inv, index, index)  # |xi_n|^2
         ls = self.lengthscale.to(data.dtype)[:, None]  # [h, 1]
-        prefactor = self.amplitude.to(data.dtype)[:, None] * (2 * math.pi * ls**2) ** (
-            self.periodic_dims / 2
-        )
-        density = prefactor * torch.exp(-2 * math.pi**2 * ls**2 * sq_norm[..., None, :])
+        amplitude = self.amplitude.to(data.dtype)[:, None]
+        damping = torch.exp(-2 * math.pi**2 * ls**2 * sq_norm[..., None, :])
+        if self.spectrum == "coulomb":  # A / (pi |xi|^2), 0 at n = 0
+            inverse = torch.where(sq_norm > 0, 1 / (math.pi * sq_norm.clamp_min(1e-30)), 0.0)
+            density = amplitude * inverse[..., None, :] * damping
+        else:
+            density = amplitude * (2 * math.pi * ls**2) ** (self.periodic_dims / 2) * damping
         weight = self.num_frequencies * self.multiplicity.to(data.dtype) * density
         return torch.cos(phase), torch.sin(phase), weight * inv_volume[..., None, None]
 
@@ -376,16 +468,63 @@ class PeriodicRPE(FourierRPE):
         diff = coords.unsqueeze(-2) - coords.unsqueeze(-3)  # [b, i, j, 3]
         query_geometry = geometry.unsqueeze(-2).expand(*diff.shape[:-1], geometry.shape[-1])
         delta = torch.cat([diff, query_geometry], -1)
-        values = self.closed_form(delta) if exact else self.estimate(delta)
-        return values.movedim(-1, -3)
+        values = (self.closed_form(delta) if exact else self.estimate(delta)).movedim(-1, -3)
+        if exact and self.complete_diagonal:  # f(0) - f_hat(0) on i = j
+            eye = torch.eye(values.shape[-1], dtype=values.dtype, device=values.device)
+            values = values + self.diagonal_correction(pos).movedim(-1, -2)[..., None] * eye
+        return values
+
+    def diagonal_correction(self, pos: Tensor) -> Tensor:
+        """``f(0) - f_hat(0)`` per token and head: encoded ``pos [..., E]`` -> ``[..., h]``
+        (module docstring, "Exact self term"; crystals only).
+
+        Computed once per distinct cell in ``pos``; differentiable in ``A`` and ``l``.
+        """
+        if not all(self.pbc):
+            raise ValueError("diagonal_correction needs every direction periodic")
+        geometry = pos[..., 3:].reshape(-1, pos.shape[-1] - 3)
+        cells, index = torch.unique(geometry.detach(), dim=0, return_inverse=True)
+        cells = (
+            geometry.new_zeros(cells.shape).index_add(0, index, geometry)
+            / torch.bincount(index, minlength=cells.shape[0]).to(geometry.dtype)[:, None]
+        )  # the same rows, with their autograd history
+        data = torch.cat([cells.new_zeros(cells.shape[0], 3), cells], -1)
+        _, _, metric_inv, inv_volume = self._split(data)
+        estimate = self._lattice(data)[2].mean(-1)  # f_hat(0) = mean of the weights [c, h]
+        ls = self.lengthscale.to(data.dtype)
+        # lattice vectors R within 9 l_max: |n_i| <= 9 l / h_i, h_i = 1 / sqrt(G^-1_ii)
+        spacing = torch.diagonal(metric_inv.detach(), dim1=-2, dim2=-1).max().sqrt()  # 1 / h_min
+        reach = 9 * float(ls.detach().max()) * float(spacing)
+        span = torch.arange(-math.ceil(reach), math.ceil(reach) + 1, dtype=data.dtype)
+        n = torch.stack(torch.meshgrid(span, span, span, indexing="ij"), -1).reshape(-1, 3)
+        sq = torch.einsum("cij,ri,rj->cr", torch.linalg.inv(metric_inv), n, n)  # |R|^2 [c, r]
+        amplitude = self.amplitude.to(data.dtype)
+        if self.spectrum == "gaussian":
+            exact = amplitude * torch.exp(-sq[..., None] / (2 * ls**2)).sum(-2)
+        else:
+            alpha = 1 / (math.sqrt(2) * ls)  # [h]
+            dist = sq.clamp_min(1e-30).sqrt()[..., None]  # [c, r, 1]
+            images = torch.where(sq[..., None] > 0, torch.erfc(alpha * dist) / dist, 0.0)
+            exact = amplitude * (
+                data[:, -1:]  # the cell's self-potential
+                + 2 * alpha / math.sqrt(math.pi)
+                + math.pi * inv_volume[:, None] / alpha**2
+                - images.sum(-2)
+            )
+        return (exact - estimate)[index].reshape(*pos.shape[:-1], self.num_heads)
 
     def image_sum(self, delta: Tensor, cell: Tensor, num_images: int = 3) -> Tensor:
         """Real-space reference ``sum_R f0(delta + R)`` over ``|n_k| <= num_images`` on the
         periodic directions.
 
         ``delta [..., 3]`` (Cartesian), ``cell [3, 3]`` or broadcastable ``[..., 3, 3]``
-        -> ``[..., h]``.
+        -> ``[..., h]``. Gaussian spectrum only.
         """
+        if self.spectrum != "gaussian":
+            raise ValueError(
+                "image_sum is the Gaussian's image sum; the Coulomb kernel's converges only "
+                "conditionally (use closed_form, or geolinrpe.physics.ewald)"
+            )
         axes = [
             torch.arange(-num_images if p else 0, (num_images if p else 0) + 1) for p in self.pbc
         ]
@@ -405,6 +544,6 @@ class PeriodicRPE(FourierRPE):
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, max_index={self.max_index}, pbc={self.pbc}, "
-            f"num_perp_frequencies={self.num_perp_frequencies}, "
+            f"spectrum={self.spectrum!r}, num_perp_frequencies={self.num_perp_frequencies}, "
             f"num_features={self.num_features}"
         )

@@ -253,3 +253,133 @@ def test_float32_and_bfloat16_autocast_with_far_atoms(pbc):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = attn(x.float(), pos.float(), batch, cell=cell.float())
     assert low.dtype == torch.bfloat16 and ((low.double() - want).norm() / want.norm()) < 0.05
+
+
+# ---------------------------------------------------------------- Coulomb spectrum
+
+
+def coulomb_rpe(max_index, lengthscales=(1.0, 1.6), amplitude=1.7, **kw):
+    rpe = PeriodicRPE(3, 2, max_index=max_index, spectrum="coulomb", amplitude=amplitude, **kw)
+    rpe = rpe.double()
+    with torch.no_grad():  # set in float64 (the constructor's values were float32)
+        rpe.amplitude.fill_(amplitude)
+        rpe.log_lengthscale.copy_(torch.tensor(lengthscales, dtype=D64).log())
+    return rpe
+
+
+def salt(cell, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    charges = torch.tensor([1.0, -1.0], dtype=D64).repeat(n // 2) * torch.linspace(
+        0.5, 1.5, n, dtype=D64
+    )
+    return atoms(2.5 * cell, n, gen), charges - charges.mean()
+
+
+def test_coulomb_series_is_the_reciprocal_space_ewald_energy():
+    """1/2 q^T F q (off-diagonal and diagonal of the truncated series) equals A times the
+    reciprocal-space Ewald energy at alpha = 1 / (sqrt(2) l), the same k set."""
+    from geolinrpe.physics.ewald import _reciprocal
+
+    cell = 2.5 * CRYSTAL
+    pos, q = salt(CRYSTAL, 10, 0)
+    rpe = coulomb_rpe(max_index=12, complete_diagonal=False)
+    values = rpe.pairwise(rpe.encode_positions(pos, cell=cell[None])[None], exact=True)[0]
+    for head, ls in enumerate((1.0, 1.6)):
+        want = 1.7 * _reciprocal(pos, q, cell, 1 / (math.sqrt(2) * ls), 25.0, 4096)
+        assert float(0.5 * q @ values[head].detach() @ q) == pytest.approx(float(want), rel=1e-10)
+
+
+def test_completed_diagonal_is_the_converged_series_at_zero():
+    """f(0) - f_hat(0) shrinks with max_index to 0, and the completed diagonal equals the
+    converged series: at K = 3 the same energy as K = 14 up to the off-diagonal terms."""
+    cell = 2.5 * CRYSTAL
+    pos, q = salt(CRYSTAL, 8, 1)
+    corrections = []
+    for K in (2, 4, 14):
+        rpe = coulomb_rpe(max_index=K)
+        enc = rpe.encode_positions(pos, cell=cell[None])
+        corrections.append(rpe.diagonal_correction(enc)[0].abs().max().item())
+        diag = torch.diagonal(rpe.pairwise(enc[None], exact=True)[0], dim1=-2, dim2=-1)
+        plain = coulomb_rpe(max_index=14, complete_diagonal=False)
+        plain_enc = plain.encode_positions(pos, cell=cell[None])
+        converged = torch.diagonal(plain.pairwise(plain_enc[None], exact=True)[0], dim1=-2, dim2=-1)
+        torch.testing.assert_close(diag, converged, rtol=1e-10, atol=1e-10)
+    assert corrections[0] > corrections[1] > 1e3 * corrections[2]
+    assert corrections[2] < 1e-10
+
+
+def test_gaussian_completed_diagonal_equals_the_image_sum():
+    rpe = rpe_for(max_index=1, complete_diagonal=True)
+    pos = atoms(CRYSTAL, 4)
+    enc = rpe.encode_positions(pos, cell=CRYSTAL[None])
+    diag = torch.diagonal(rpe.pairwise(enc[None], exact=True)[0], dim1=-2, dim2=-1)
+    want = rpe.image_sum(torch.zeros(3, dtype=D64), CRYSTAL, num_images=6)
+    torch.testing.assert_close(diag, want[:, None].expand_as(diag), rtol=1e-12, atol=1e-12)
+
+
+def test_coulomb_energy_of_a_crystal_from_the_series_plus_real_space_is_ewald():
+    """Real-space erfc sum + (1/2) q^T F q (completed diagonal) - self term = the Ewald energy,
+    whatever max_index (the diagonal is exact, the off-diagonal converged at K = 12)."""
+    from geolinrpe.physics import ewald
+    from geolinrpe.physics.ewald import _real_space
+
+    cell = 2.5 * CRYSTAL
+    pos, q = salt(CRYSTAL, 10, 2)
+    ls = 1.0
+    alpha = 1 / (math.sqrt(2) * ls)
+    rpe = coulomb_rpe(max_index=12, lengthscales=(ls, ls), amplitude=1.0)
+    values = rpe.pairwise(rpe.encode_positions(pos, cell=cell[None])[None], exact=True)[0, 0]
+    real = _real_space(pos, q, cell, alpha, 40.0)
+    got = real + 0.5 * q @ values.detach() @ q - alpha / math.sqrt(math.pi) * q.pow(2).sum()
+    assert float(got) == pytest.approx(float(ewald(pos, q, cell, coulomb_constant=1.0)), rel=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["packed", "dense"])
+def test_layer_with_completed_diagonal_equals_its_references(layout):
+    """Engine == explicit features reference == dense reference with the exact kernel (ELU
+    is deterministic), with the completed diagonal, in float64; gradients reach A and l."""
+    rpe = coulomb_rpe(max_index=2)
+    attn = RPEAttention(16, 2, rpe=rpe, mode="mask", normalize="none").double()
+    x, pos, batch, cell = packed((2.5 * CRYSTAL, 2.5 * OTHER), [6, 5])
+    if layout == "dense":
+        from geolinrpe.ops.packing import to_padded
+
+        (xd, mask), posd = to_padded(x, batch), to_padded(pos, batch)[0]
+        args, kwargs = (xd, posd), dict(key_padding_mask=mask, cell=cell)
+    else:
+        args, kwargs = (x, pos, batch), dict(cell=cell)
+    out = attn(*args, **kwargs)
+    for kernel, which in (("features", "features"), ("exact", "features"), ("exact", "exact")):
+        ref = attn.reference(*args, kernel=kernel, rpe=which, **kwargs)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    attn.quadratic_below = 0  # the chunked engine, not the explicit small-n form
+    torch.testing.assert_close(attn(*args, **kwargs), out, rtol=1e-10, atol=1e-10)
+    attn(*args, **kwargs).pow(2).sum().backward()
+    assert rpe.amplitude.grad.abs().min() > 0 and rpe.log_lengthscale.grad.abs().min() > 0
+
+
+def test_completed_diagonal_layer_is_translation_and_lattice_shift_invariant():
+    attn = RPEAttention(16, 2, rpe=coulomb_rpe(max_index=2), mode="mask", normalize="none")
+    attn = attn.double()
+    x, pos, batch, cell = packed((2.5 * CRYSTAL, 2.5 * OTHER), [6, 5])
+    out = attn(x, pos, batch, cell=cell)
+    shifted = pos + torch.tensor([0.3, -1.1, 2.0], dtype=D64)
+    shifted[2] += cell[0, 1] - cell[0, 2]
+    torch.testing.assert_close(attn(x, shifted, batch, cell=cell), out, rtol=1e-9, atol=1e-9)
+
+
+def test_coulomb_options_are_checked():
+    with pytest.raises(ValueError, match="spectrum must be one of"):
+        PeriodicRPE(3, 2, spectrum="yukawa")
+    with pytest.raises(ValueError, match="every direction periodic"):
+        PeriodicRPE(3, 2, spectrum="coulomb", pbc=(True, True, False))
+    with pytest.raises(ValueError, match="every direction periodic"):
+        PeriodicRPE(3, 2, complete_diagonal=True, pbc=(True, True, False))
+    with pytest.raises(ValueError, match="needs mode='mask' and normalize='none'"):
+        RPEAttention(16, 2, rpe=coulomb_rpe(max_index=1), mode="mask")
+    with pytest.raises(ValueError, match="needs mode='mask' and normalize='none'"):
+        RPEAttention(16, 2, rpe=coulomb_rpe(max_index=1), mode="logit")
+    with pytest.raises(ValueError, match="Gaussian's image sum"):
+        coulomb_rpe(max_index=1).image_sum(torch.zeros(3, dtype=D64), CRYSTAL)
+    plain = coulomb_rpe(max_index=1, complete_diagonal=False)
+    RPEAttention(16, 2, rpe=plain, mode="logit")  # allowed without the completion
