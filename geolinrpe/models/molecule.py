@@ -19,6 +19,7 @@ from ..nn.block import (
     pool,
     read_batch,
 )
+from ..nn.reciprocal import ReciprocalEnergy
 from ..ops.checks import eager_checks
 from ..ops.packing import to_packed
 from .radius import radius_graph, radius_graph_pbc
@@ -281,7 +282,8 @@ class MoleculeTransformer(nn.Module):
         num_targets: outputs ``t`` per molecule (default 1).
         embed_dim: channels ``c`` (default 128).
         num_heads: attention heads (default 8).
-        num_layers: transformer blocks (default 6).
+        num_layers: transformer blocks (default 6; 0 with ``use_spherical_harmonics``: the
+            local features and readouts only).
         attention: ``"linear"`` (default, :class:`~geolinrpe.nn.RPEAttention`) or ``"exact"``
             (:class:`~geolinrpe.nn.ExactRPEAttention`, the O(n^2) baseline with the same
             parameters).
@@ -314,6 +316,12 @@ class MoleculeTransformer(nn.Module):
             (``"flt-periodic"``) gets the cell; a non-periodic RPE sees the raw positions.
         attention_options: further :class:`~geolinrpe.nn.RPEAttention` options
             (``normalize``, ``chunk_size``, ``center_positions``, ...).
+        reciprocal_energy: options of a :class:`~geolinrpe.nn.reciprocal.ReciprocalEnergy`
+            readout (``{}`` for its defaults; default ``None``: none). Needs ``periodic``
+            and ``num_targets=1``: the graph energy gains ``1/2 sum_ij Q_i f(r_i - r_j) Q_j``
+            of latent charges ``Q`` from the last layer, the learned reciprocal-space Ewald
+            term (O(n); long-range electrostatics, ``docs/long_range.md``). With
+            ``attention="exact"`` it is computed densely (:meth:`ReciprocalEnergy.reference`).
 
     Shapes:
         input: a PyG ``Batch`` with ``z [n]`` long, ``pos [n, 3]``, ``batch [n]`` (and
@@ -352,6 +360,7 @@ class MoleculeTransformer(nn.Module):
         predict_forces: bool = False,
         periodic: bool = False,
         attention_options: dict | None = None,
+        reciprocal_energy: dict | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(num_targets, int) or isinstance(num_targets, bool) or num_targets < 1:
@@ -386,16 +395,31 @@ class MoleculeTransformer(nn.Module):
             if use_spherical_harmonics
             else None
         )
-        self.encoder = RPETransformerEncoder(
-            num_layers, embed_dim, num_heads, mlp_ratio, dropout, attention, **options
+        if num_layers == 0 and not use_spherical_harmonics:
+            raise ValueError("num_layers=0 needs use_spherical_harmonics=True (the only geometry)")
+        self.encoder = (
+            RPETransformerEncoder(
+                num_layers, embed_dim, num_heads, mlp_ratio, dropout, attention, **options
+            )
+            if num_layers
+            else None
         )
-        attn = self.encoder.blocks[0].attention
+        attn = self.encoder.blocks[0].attention if self.encoder is not None else None
         self.periodic_rpe = bool(getattr(getattr(attn, "rpe", None), "periodic", False))
         if self.periodic_rpe and not self.periodic:
             raise ValueError(f"rpe={rpe!r} is periodic: build the model with periodic=True")
         self.head = nn.Sequential(
             nn.Linear(embed_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, num_targets)
         )
+        self.reciprocal = None
+        if reciprocal_energy is not None:
+            if not self.periodic or num_targets != 1:
+                raise ValueError(
+                    "reciprocal_energy needs periodic=True and num_targets=1 (an energy), got "
+                    f"periodic={periodic}, num_targets={num_targets}"
+                )
+            self.reciprocal = ReciprocalEnergy(embed_dim, **reciprocal_energy)
+        self.exact_reciprocal = attention == "exact"
         mean, std, refs = target_buffers(num_targets, target_mean, target_std, atom_refs, max_z)
         self.register_buffer("target_mean", mean)
         self.register_buffer("target_std", std)
@@ -407,13 +431,17 @@ class MoleculeTransformer(nn.Module):
         self.embedding.reset_parameters()
         if self.sh is not None:
             self.sh.reset_parameters()
-        self.encoder.reset_parameters()
+        if self.encoder is not None:
+            self.encoder.reset_parameters()
         for layer in (self.head[0], self.head[2]):
             layer.reset_parameters()
+        if self.reciprocal is not None:
+            self.reciprocal.reset_parameters()
 
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw new random features in every attention layer."""
-        self.encoder.redraw(generator)
+        if self.encoder is not None:
+            self.encoder.redraw(generator)
 
     def forward(self, data: Any) -> dict[str, Tensor]:
         """Predict; see the class docstring for inputs and outputs."""
@@ -443,11 +471,14 @@ class MoleculeTransformer(nn.Module):
         h = self.embedding(z_safe)
         if self.sh is not None:
             h = h + self._sh_features(z_safe, pos, batch, mask, cell, pbc)
-        if h.shape[0]:  # an empty batch (no graphs or no atoms) has nothing to attend to
+        if h.shape[0] and self.encoder is not None:  # an empty batch has nothing to attend to
             h = self.encoder(h, pos, batch, mask, cell if self.periodic_rpe else None)
         atom_out = self.head(h)
         y = pool(atom_out, batch, mask, self.readout, num_graphs)
         y = y * self.target_std + self.target_mean
+        if self.reciprocal is not None and num_graphs:
+            energy = self.reciprocal.reference if self.exact_reciprocal else self.reciprocal
+            y = y + energy(h, pos, cell, batch, mask)[:, None].to(y.dtype)
         if self.atom_refs is not None:
             y = y + pool(self.atom_refs[z_safe], batch, mask, "sum", num_graphs)
         return y

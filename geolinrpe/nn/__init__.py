@@ -6,5 +6,12 @@ __all__ = ["RPEAttention"]
 
 from .block import RPETransformerBlock, RPETransformerEncoder, use_reference  # noqa: E402
 from .exact import ExactRPEAttention  # noqa: E402
+from .reciprocal import ReciprocalEnergy  # noqa: E402
 
-__all__ += ["ExactRPEAttention", "RPETransformerBlock", "RPETransformerEncoder", "use_reference"]
+__all__ += [
+    "ExactRPEAttention",
+    "RPETransformerBlock",
+    "RPETransformerEncoder",
+    "ReciprocalEnergy",
+    "use_reference",
+]

@@ -209,6 +209,78 @@ def test_periodic_cell_lattice_shift_invariance():
         tiny(rpe="flt-periodic")
 
 
+def salt_boxes():
+    """Two periodic boxes of 6 and 5 ions (packed), with their cells."""
+    cells = torch.tensor(
+        [
+            [[6.0, 0.0, 0.0], [0.5, 6.2, 0.0], [0.0, 0.3, 6.5]],
+            [[5.5, 0.2, 0.0], [0.0, 6.0, 0.0], [0.3, 0.0, 5.8]],
+        ],
+        dtype=D64,
+    )
+    g = torch.Generator().manual_seed(4)
+    sizes = [6, 5]
+    pos = torch.cat(
+        [torch.rand(n, 3, generator=g, dtype=D64) @ cells[i] for i, n in enumerate(sizes)]
+    )
+    z = torch.tensor([11, 17] * 3 + [11, 17, 11, 17, 11])
+    batch = torch.repeat_interleave(torch.arange(2), torch.tensor(sizes))
+    return {"z": z, "pos": pos, "batch": batch, "cell": cells}
+
+
+def test_reciprocal_energy_readout_invariances_forces_and_exact_path():
+    """The learned reciprocal-space energy: lattice shifts, translations and permutations
+    leave energies unchanged, forces are finite differences of the energy, packed equals
+    padded, and attention="exact" (dense readout) equals the linear model's reference path."""
+    kw = dict(
+        rpe=None,
+        periodic=True,
+        use_spherical_harmonics=True,
+        predict_forces=True,
+        reciprocal_energy={"num_channels": 2, "max_index": 2},
+    )
+    torch.manual_seed(0)
+    model = tiny(**kw)
+    data = salt_boxes()
+    out = model(data)
+    moved = data["pos"].clone()
+    moved[1] += data["cell"][0, 0] - data["cell"][0, 2]
+    moved[8] += 2 * data["cell"][1, 1]
+    moved += torch.tensor([0.2, -0.4, 0.9], dtype=D64)
+    torch.testing.assert_close(model({**data, "pos": moved})["y"], out["y"], **TIGHT)
+    perm = torch.cat([torch.randperm(6), 6 + torch.randperm(5)])
+    permuted = {**data, "z": data["z"][perm], "pos": data["pos"][perm]}
+    torch.testing.assert_close(model(permuted)["y"], out["y"], **TIGHT)
+    pos, eps = data["pos"], 1e-5
+    for atom, axis in ((0, 0), (7, 2)):
+        step = torch.zeros_like(pos)
+        step[atom, axis] = eps
+        plus = model({**data, "pos": pos + step})["energy"].sum()
+        minus = model({**data, "pos": pos - step})["energy"].sum()
+        numeric = -(plus - minus) / (2 * eps)
+        assert float(out["forces"][atom, axis]) == pytest.approx(float(numeric), rel=1e-5, abs=1e-7)
+    from geolinrpe.ops.packing import to_padded
+
+    zd, mask = to_padded(data["z"], data["batch"])
+    padded = model(
+        {
+            "z": zd,
+            "pos": to_padded(pos, data["batch"])[0],
+            "key_padding_mask": mask,
+            "cell": data["cell"],
+        }
+    )
+    torch.testing.assert_close(padded["y"], out["y"], **TIGHT)
+    torch.manual_seed(0)
+    exact = tiny(attention="exact", **kw)
+    with use_reference(model):
+        torch.testing.assert_close(exact(data)["y"], model(data)["y"], **TIGHT)
+    without = tiny(**{**kw, "reciprocal_energy": None})
+    assert without.reciprocal is None
+    with pytest.raises(ValueError, match="reciprocal_energy needs periodic"):
+        tiny(reciprocal_energy={})
+
+
 def test_spherical_harmonics_features_are_rotation_invariant():
     sh = SphericalHarmonicsEmbedding(8, lmax=3, cutoff=3.0).to(D64)
     z, pos, batch = molecules([7, 4])
