@@ -861,42 +861,57 @@ class RadiusInteractionGraph(nn.Module):
     r"""``(edge_index, edge_weight)`` of :func:`radius_graph`, the ``interaction_graph`` that
     ``torch_geometric.nn.models.SchNet`` calls as ``interaction_graph(pos, batch)``.
 
+    Periodic systems: set :attr:`cell` ``[g, 3, 3]`` (and :attr:`pbc` ``[g, 3]``) before
+    the call (:class:`~geolinrpe.models.SchNetBaseline` does, per forward); the graph is then
+    :func:`radius_graph_pbc`'s and ``edge_weight`` the length of the edge vector to the image.
+
     Args:
         cutoff: radius ``r`` (default 10.0).
         max_num_neighbors: nearest neighbours kept per atom (default 32; ties with the
             32nd within ``tie_tolerance`` are kept too, see :func:`radius_graph`).
         tie_tolerance: see :func:`radius_graph` (default 0.01).
+        method: neighbour search, as :func:`radius_graph` (default ``"auto"``).
 
     Shapes:
         ``pos [n, 3]``, ``batch [n]`` -> ``edge_index [2, e]``, ``edge_weight [e]``
-        (``|pos_j - pos_i|``, differentiable in ``pos``).
+        (``|pos_j + shift - pos_i|``, differentiable in ``pos``).
     """
+
+    cell: Tensor | None = None
+    pbc: Tensor | None = None
 
     def __init__(
         self,
         cutoff: float = 10.0,
         max_num_neighbors: int | None = 32,
         tie_tolerance: float | None = 0.01,
+        method: str = "auto",
     ) -> None:
         super().__init__()
         _check_tolerance(tie_tolerance)
         self.cutoff = cutoff
         self.max_num_neighbors = max_num_neighbors
         self.tie_tolerance = tie_tolerance
+        self.method = method
 
     def forward(self, pos: Tensor, batch: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        edge_index = radius_graph(
-            pos,
-            self.cutoff,
-            batch,
+        options = dict(
             max_num_neighbors=self.max_num_neighbors,
             tie_tolerance=self.tie_tolerance,
+            method=self.method,
+        )
+        if self.cell is None:
+            edge_index = radius_graph(pos, self.cutoff, batch, **options)
+            j, i = edge_index
+            return edge_index, (pos[j] - pos[i]).norm(dim=-1)
+        edge_index, shift = radius_graph_pbc(
+            pos, self.cell.to(pos.dtype), self.cutoff, batch, self.pbc, **options
         )
         j, i = edge_index
-        return edge_index, (pos[j] - pos[i]).norm(dim=-1)
+        return edge_index, (pos[j] + shift - pos[i]).norm(dim=-1)
 
     def extra_repr(self) -> str:
         return (
             f"cutoff={self.cutoff}, max_num_neighbors={self.max_num_neighbors}, "
-            f"tie_tolerance={self.tie_tolerance}"
+            f"tie_tolerance={self.tie_tolerance}, method={self.method!r}"
         )

@@ -54,6 +54,8 @@ class SchNetBaseline(nn.Module):
         readout: ``"sum"`` (default) or ``"mean"``.
         atom_refs, target_mean, target_std, predict_forces: as for
             :class:`~geolinrpe.models.MoleculeTransformer` (atomic numbers up to 99).
+        periodic: read ``cell [g, 3, 3]`` (and ``pbc [g, 3]``, default all periodic) from
+            the batch; neighbours include periodic images (:func:`radius_graph_pbc`).
 
     Shapes:
         input: a PyG ``Batch`` with ``z [n]``, ``pos [n, 3]``, ``batch [n]``, or the dict of
@@ -76,6 +78,7 @@ class SchNetBaseline(nn.Module):
         target_mean: float | Sequence[float] | Tensor | None = None,
         target_std: float | Sequence[float] | Tensor | None = None,
         predict_forces: bool = False,
+        periodic: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -99,6 +102,7 @@ class SchNetBaseline(nn.Module):
         self.num_targets = num_targets
         self.readout = readout
         self.predict_forces = bool(predict_forces)
+        self.periodic = bool(periodic)
         self.schnet = SchNet(
             hidden_channels=hidden_channels,
             num_filters=num_filters,
@@ -123,7 +127,11 @@ class SchNetBaseline(nn.Module):
 
     def forward(self, data: Any) -> dict[str, Tensor]:
         """Predict; see the class docstring for inputs and outputs."""
-        tokens = read_batch(data, ("z", "pos"), dense_dims=2)
+        optional = ("cell", "pbc") if self.periodic else ()
+        tokens = read_batch(data, ("z", "pos"), optional, dense_dims=2)
+        cell = tokens.fields.get("cell")
+        if self.periodic and cell is None:
+            raise ValueError("periodic=True needs cell [g, 3, 3] in the batch")
         z, pos, mask = tokens.fields["z"], tokens.fields["pos"], tokens.key_padding_mask
         if pos.shape != z.shape + (3,):
             raise ValueError(f"pos must be {list(z.shape) + [3]} for z {list(z.shape)}")
@@ -138,7 +146,12 @@ class SchNetBaseline(nn.Module):
                 packed_z = z[~mask]
             else:
                 packed_z, packed_pos, batch = z, pos, tokens.batch
-            out = self.schnet(packed_z, packed_pos, batch)  # [g', t]
+            graph = self.schnet.interaction_graph
+            graph.cell, graph.pbc = cell, tokens.fields.get("pbc")
+            try:
+                out = self.schnet(packed_z, packed_pos, batch)  # [g', t]
+            finally:
+                graph.cell = graph.pbc = None
             y = out.new_zeros(tokens.num_graphs, self.num_targets)
             y[: out.shape[0]] = out  # trailing all-padding rows stay 0
             y = y * self.target_std + self.target_mean

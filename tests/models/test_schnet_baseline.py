@@ -117,3 +117,33 @@ def test_atomic_numbers_beyond_schnet_embedding(mols):
     data.z = torch.tensor([100, 1, 1])
     with pytest.raises(ValueError, match="atomic numbers"):
         tiny()(data)
+
+
+def test_periodic_schnet_sees_images_and_is_invariant_to_lattice_shifts():
+    """A small box: the periodic graph includes images (the energy differs from the open
+    one), moving an atom by a lattice vector or translating everything changes nothing,
+    and the forces are those of the periodic energy."""
+    from torch_geometric.data import Data
+
+    gen = torch.Generator().manual_seed(0)
+    cell = torch.tensor([[5.0, 0.2, 0.0], [0.3, 5.5, 0.0], [0.1, 0.2, 6.0]], dtype=D64)
+    pos = torch.rand(6, 3, generator=gen, dtype=D64) @ cell
+    z = torch.tensor([11, 17, 11, 17, 11, 17])
+
+    def item(p):
+        return Data(z=z, pos=p, cell=cell[None], pbc=torch.ones(1, 3, dtype=torch.bool))
+
+    torch.manual_seed(0)
+    model = tiny(periodic=True, predict_forces=True)
+    torch.manual_seed(0)
+    open_model = tiny(predict_forces=True)
+    out = model(Batch.from_data_list([item(pos)]))
+    assert abs(float(out["y"]) - float(open_model(Batch.from_data_list([item(pos)]))["y"])) > 1e-6
+    moved = pos.clone()
+    moved[2] += cell[0] - 2 * cell[2]
+    moved = moved + torch.tensor([0.3, -0.7, 1.1], dtype=D64)
+    other = model(Batch.from_data_list([item(moved)]))
+    torch.testing.assert_close(other["y"], out["y"], **TIGHT)
+    torch.testing.assert_close(other["forces"], out["forces"], **TIGHT)
+    with pytest.raises(ValueError, match="needs cell"):
+        model(Batch.from_data_list([Data(z=z, pos=pos)]))
