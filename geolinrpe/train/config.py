@@ -20,7 +20,8 @@ booleans, ``null``, ``[lists]``, ``{maps}``) and then checked against the field'
 ``1e-3`` is a float for a float field and ``gap`` becomes ``[gap]`` for a list field.
 
 Settings a file must not choose (:data:`SAFETY_SETTINGS`: ``data.options.safe``, which
-weakens safety, and ``data.options.make_synthetic``, which writes files to ``data.path``)
+weakens safety, and ``data.options.make_synthetic`` / ``make_molten_salt``, which write files
+to ``data.path``)
 apply only when the user's own config file or command line sets them (the first with an
 :class:`UnsafeSettingWarning`); a config rebuilt from a checkpoint or run folder
 (:meth:`Config.from_saved`) has them reset to their safe value, with a warning.
@@ -115,7 +116,9 @@ class DataConfig:
             ``num_points``, ``noise``, ``rotate``; ``patch``: ``patch_size``;
             ``sequence``: ``seq_len``; ``oc20-*``: ``safe`` (allow-list unpickling) and
             ``make_synthetic`` (write that many simulated systems to ``path`` first when it
-            does not exist).
+            does not exist); ``oc20-s2ef``: ``make_molten_salt: {structures: n, atoms: a}``
+            (write ``n`` Na/Cl Ewald boxes of ``a`` ions, :mod:`geolinrpe.data.molten_salt`,
+            to ``path`` first when it does not exist).
     """
 
     task: TaskName = "qm9"
@@ -370,6 +373,11 @@ SAFETY_SETTINGS: dict[str, SafetySetting] = {
     "data.options.make_synthetic": SafetySetting(
         None,
         "writes simulated OC20 files to data.path when that path does not exist",
+        warn=False,
+    ),
+    "data.options.make_molten_salt": SafetySetting(
+        None,
+        "writes simulated molten-salt boxes to data.path when that path does not exist",
         warn=False,
     ),
 }
@@ -629,7 +637,8 @@ class Config:
             value = self.get(key)
             if value is None or task in ("qm9", "point-cloud", "patch"):
                 continue
-            if key == "data.path" and "make_synthetic" in self.data.options:
+            generated = ("make_synthetic", "make_molten_salt")
+            if key == "data.path" and any(name in self.data.options for name in generated):
                 continue  # written on first use
             if not Path(value).exists():
                 raise ValueError(f"config key {key!r}: {value!r} does not exist")

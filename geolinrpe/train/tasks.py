@@ -471,7 +471,9 @@ class _OC20Task(Task):
     """Shared OC20 data handling: ``data.path`` (+ ``valid_path``/``test_path``) or a random
     split of ``data.path``. ``data.options.make_synthetic: n`` first writes ``n`` simulated
     systems (:func:`geolinrpe.data.oc20.make_synthetic`: EMT slab + adsorbate relaxations) to
-    ``data.path`` when it does not exist."""
+    ``data.path`` when it does not exist; ``data.options.make_molten_salt: {structures: n,
+    atoms: a}`` (S2EF) writes ``n`` Na/Cl Ewald boxes of ``a`` ions
+    (:func:`geolinrpe.data.molten_salt.make_molten_salt`) instead."""
 
     position_unit = "Å"
 
@@ -484,7 +486,20 @@ class _OC20Task(Task):
         d = self.cfg.data
         safe = bool(d.options.get("safe", True))
         synthetic = d.options.get("make_synthetic")
-        if synthetic is not None and not Path(str(d.path)).exists():
+        molten = d.options.get("make_molten_salt")
+        if molten is not None and not Path(str(d.path)).exists():
+            from ..data.molten_salt import make_molten_salt
+
+            keys = {"structures", "atoms"}
+            if self.oc20_task != "s2ef" or not isinstance(molten, dict) or set(molten) != keys:
+                raise ValueError(
+                    "config key 'data.options.make_molten_salt' must be {structures: n, atoms: a} "
+                    f"with task oc20-s2ef, got {molten!r} with task {self.name!r}"
+                )
+            make_molten_salt(
+                str(d.path), int(molten["structures"]), int(molten["atoms"]), seed=d.split_seed
+            )
+        elif synthetic is not None and not Path(str(d.path)).exists():
             from ..data.oc20 import make_synthetic
 
             fmt = "lmdb-is2re" if self.oc20_task == "is2re" else "lmdb-s2ef"
