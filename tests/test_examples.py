@@ -79,6 +79,23 @@ def test_oc20_is2re(tmp_path, capsys):
     _run_files(out)
 
 
+@pytest.mark.parametrize("baseline", [False, True])
+def test_long_range(tmp_path, capsys, baseline):
+    """The molten-salt boxes are written through the CLI option and read back as OC20."""
+    main = _load("examples/long_range.py").main
+    out = tmp_path / "run"
+    data = tmp_path / "molten_salt"
+    args = ["--out", str(out), "--data", str(data), "--boxes", "16", "--test-size", "4"]
+    args += ["--baseline"] if baseline else []
+    results = main(args + ["--epochs", "1", "--set", "data.batch_size=4", *FAST])
+    assert math.isfinite(results["test_energy_mae_mev_per_atom"])
+    assert results["test_energy_mae_mev_per_atom"] > 0
+    assert "meV/atom" in capsys.readouterr().out
+    _run_files(out)
+    has_readout = "reciprocal_energy" in load_checkpoint(out / "last.pt", "cpu").cfg.model.options
+    assert has_readout is not baseline
+
+
 def test_point_cloud_classification(tmp_path):
     main = _load("examples/point_cloud_classification.py").main
     out = tmp_path / "run"
