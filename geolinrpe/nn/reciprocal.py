@@ -87,6 +87,13 @@ class ReciprocalEnergy(nn.Module):
             self.rpe.log_lengthscale.copy_(torch.tensor(self.init_lengthscales).log())
         self.charges.reset_parameters()
 
+    def _prepare(self, x, pos, cell, batch, key_padding_mask):
+        """Packed neutral charges ``[n, h]``, encoded positions, ``batch`` and graph count."""
+        x, pos, batch, num_graphs = self._packed(x, pos, cell, batch, key_padding_mask)
+        charges = self._neutral(self.charges(x), batch, num_graphs)
+        enc = self.rpe.encode_positions(pos, batch=batch, cell=cell.to(pos.dtype))
+        return charges, enc, batch, num_graphs
+
     def _packed(self, x, pos, cell, batch, key_padding_mask):
         if x.dim() == 3:
             mask = (
@@ -116,9 +123,7 @@ class ReciprocalEnergy(nn.Module):
         key_padding_mask: Tensor | None = None,
     ) -> Tensor:
         """Energies ``[g]``; see the class docstring."""
-        x, pos, batch, num_graphs = self._packed(x, pos, cell, batch, key_padding_mask)
-        charges = self._neutral(self.charges(x), batch, num_graphs)  # [n, h]
-        enc = self.rpe.encode_positions(pos, batch=batch, cell=cell.to(pos.dtype))
+        charges, enc, batch, num_graphs = self._prepare(x, pos, cell, batch, key_padding_mask)
         psi_q = self.rpe.query_features(enc).to(charges.dtype)  # [n, h, F]
         psi_k = self.rpe.key_features(enc).to(charges.dtype)
         state = charges.new_zeros(num_graphs, *psi_k.shape[1:])
@@ -139,9 +144,7 @@ class ReciprocalEnergy(nn.Module):
         """The same energies from the dense ``[h, n, n]`` kernel of each graph
         (``pairwise(exact=True)``, completed diagonal): O(n^2) memory, for tests and the
         exact baseline."""
-        x, pos, batch, num_graphs = self._packed(x, pos, cell, batch, key_padding_mask)
-        charges = self._neutral(self.charges(x), batch, num_graphs)
-        enc = self.rpe.encode_positions(pos, batch=batch, cell=cell.to(pos.dtype))
+        charges, enc, batch, num_graphs = self._prepare(x, pos, cell, batch, key_padding_mask)
         energies = []
         for g in range(num_graphs):
             rows = batch == g

@@ -1,19 +1,4 @@
 """Reference physics: Ewald sums for point charges in periodic cells."""
 
-from .ewald import (
-    COULOMB_CONSTANT,
-    EwaldParameters,
-    coulomb_direct,
-    ewald,
-    ewald_parameters,
-    reciprocal_vectors,
-)
-
-__all__ = [
-    "COULOMB_CONSTANT",
-    "EwaldParameters",
-    "coulomb_direct",
-    "ewald",
-    "ewald_parameters",
-    "reciprocal_vectors",
-]
+from .ewald import *  # noqa: F403 (the public names of ewald.py)
+from .ewald import __all__  # noqa: F401
