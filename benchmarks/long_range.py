@@ -135,14 +135,14 @@ def exact_fits(num_atoms: int, limit_gib: float) -> bool:
     return 3 * 4 * RECIPROCAL["num_channels"] * num_atoms**2 * frequencies / 2**30 <= limit_gib
 
 
-def loss_of(model, batch, stats, num_atoms):
+def loss_of(model, batch, stats):
     out = model(batch)
     energy = (out["energy"] - batch.y.reshape(-1).to(out["energy"].dtype)) / stats["energy_std"]
     forces = (out["forces"] - batch.force) / stats["force_std"]
     return energy.pow(2).mean() + forces.pow(2).mean()
 
 
-def train_for(model, data: OC20, stats, num_atoms: int, batch_size: int, budget: float) -> dict:
+def train_for(model, data: OC20, stats, batch_size: int, budget: float) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(0)
     model.train()
@@ -151,7 +151,7 @@ def train_for(model, data: OC20, stats, num_atoms: int, batch_size: int, budget:
         for group in optimizer.param_groups:
             group["lr"] = 1e-3 * 0.5 * (1 + math.cos(math.pi * elapsed / budget))
         index = torch.randint(len(data), (batch_size,), generator=generator).tolist()
-        loss = loss_of(model, Batch.from_data_list([data[i] for i in index]), stats, num_atoms)
+        loss = loss_of(model, Batch.from_data_list([data[i] for i in index]), stats)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
@@ -205,7 +205,7 @@ def accuracy(args, root: Path) -> list[dict]:
                 continue
             model = build(name, stats)
             load = os.getloadavg()[0]
-            fit = train_for(model, train, stats, train_atoms, sizes["batch"], args.budget)
+            fit = train_for(model, train, stats, sizes["batch"], args.budget)
             for n, test in tests.items():
                 if name == "exact" and not exact_fits(n, args.exact_limit_gib):
                     records.append(
@@ -256,7 +256,7 @@ def cost(args, root: Path) -> list[dict]:
             samples = []
             for k in range(4):
                 start = time.perf_counter()
-                loss = loss_of(model, batch, stats, n)
+                loss = loss_of(model, batch, stats)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

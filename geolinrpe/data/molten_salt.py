@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch_geometric.data import Data
 
-from ..physics.ewald import ewald
+from ..physics.ewald import ewald, periodic_pairs
 
 __all__ = [
     "MOLTEN_DENSITY",
@@ -76,13 +76,7 @@ EWALD_TOLERANCE = 1e-10
 def repulsion(pos: Tensor, z: Tensor, cell: Tensor) -> Tensor:
     """Tosi-Fumi repulsion (eV) of Na/Cl ions ``pos [n, 3]``, ``z [n]`` in ``cell [3, 3]``
     (periodic, pairs within :data:`REPULSION_CUTOFF`); differentiable in ``pos``."""
-    from ..models.radius import radius_graph_pbc
-
-    edge_index, shift = radius_graph_pbc(
-        pos.detach(), cell[None], REPULSION_CUTOFF, max_num_neighbors=None, tie_tolerance=None
-    )
-    j, i = edge_index
-    dist = (pos[j] + shift - pos[i]).norm(dim=-1)
+    i, j, dist = periodic_pairs(pos, cell, REPULSION_CUTOFF)
 
     def table(values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=pos.dtype, device=pos.device)

@@ -50,6 +50,7 @@ __all__ = [
     "coulomb_direct",
     "ewald",
     "ewald_parameters",
+    "periodic_pairs",
     "reciprocal_vectors",
 ]
 
@@ -112,14 +113,20 @@ def reciprocal_vectors(cell: Tensor, cutoff: float) -> Tensor:
     return k[k.norm(dim=-1) < cutoff]
 
 
-def _real_space(pos: Tensor, charges: Tensor, cell: Tensor, alpha: float, cutoff: float) -> Tensor:
+def periodic_pairs(pos: Tensor, cell: Tensor, cutoff: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Every pair within ``cutoff`` of ``pos [n, 3]`` in ``cell [3, 3]``, periodic images
+    included, each both ways: ``(i [e], j [e], dist [e])``, ``dist`` differentiable in ``pos``."""
     from ..models.radius import radius_graph_pbc
 
     edge_index, shift = radius_graph_pbc(
         pos.detach(), cell[None], cutoff, max_num_neighbors=None, tie_tolerance=None
     )
     j, i = edge_index
-    dist = (pos[j] + shift - pos[i]).norm(dim=-1)  # [e]; every pair appears both ways
+    return i, j, (pos[j] + shift - pos[i]).norm(dim=-1)
+
+
+def _real_space(pos: Tensor, charges: Tensor, cell: Tensor, alpha: float, cutoff: float) -> Tensor:
+    i, j, dist = periodic_pairs(pos, cell, cutoff)  # every pair appears both ways
     return 0.5 * (charges[i] * charges[j] * torch.erfc(alpha * dist) / dist).sum()
 
 
