@@ -92,6 +92,21 @@ class PositiveRandomFeatures(FeatureMap):
         )
         self.projection.copy_(w.to(self.projection))
 
+    @torch.no_grad()
+    def set_projection(self, matrix: Tensor) -> None:
+        """Load a given projection ``W [r, d]`` (for example a published run's; Google's
+        FAVOR+ code builds it from ``PRNGKey(seed)`` in JAX). :meth:`redraw` replaces it."""
+        matrix = torch.as_tensor(matrix)
+        shape = tuple(self.projection.shape)
+        if tuple(matrix.shape) != shape or not matrix.is_floating_point():
+            raise ValueError(
+                f"matrix must be a float tensor of shape [num_features, input_dim] = "
+                f"{list(shape)}, got {list(matrix.shape)}"
+            )
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError("matrix must be finite")
+        self.projection.copy_(matrix)
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logits = torch.einsum("...d,rd->...r", x, self.projection.to(x.dtype))
         logits = logits - 0.5 * x.pow(2).sum(-1, keepdim=True)

@@ -28,6 +28,7 @@ from ..ops.packing import to_packed, to_padded
 from ..rpe import REGISTRY, RPE, build
 
 MODES = ("logit", "mask", "product")
+OUTPUT_NORMS = (None, "layernorm")
 
 
 class RPEAttention(nn.Module):
@@ -100,6 +101,11 @@ class RPEAttention(nn.Module):
             RPE features, and only while ``b h n^2 <= 2^22`` (eager mode, no autocast, not
             half precision); ``0``: never.
         bias: bias in the q/k/v and output projections.
+        output_norm: ``None`` (default) or ``"layernorm"``: an affine ``nn.LayerNorm(embed_dim)``
+            on the concatenated head outputs before the output projection, as the
+            unnormalised linear attention of LRPE/TransNormer (Qin et al.) does; use it with
+            ``normalize="none"``. Padded rows stay 0 (the norm is applied, then they are
+            zeroed again).
         rpe_options: keyword options for :func:`geolinrpe.rpe.build` when ``rpe`` is a name.
 
     Shapes:
@@ -131,6 +137,7 @@ class RPEAttention(nn.Module):
         bias: bool = True,
         rpe_options: dict | None = None,
         quadratic_below: int | None = None,
+        output_norm: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
@@ -159,14 +166,16 @@ class RPEAttention(nn.Module):
                 raise ValueError(f"pos_dim is required to build rpe={rpe!r}")
             options = dict(rpe_options or {})
             if "dim" in inspect.signature(REGISTRY.get(rpe, RPE)).parameters:
-                # families acting on vectors: the head dim (logit) or the kernel features (mask)
+                # families acting on vectors: the head dim (logit, or an RPE encoding the raw
+                # q and k, e.g. SPE placement="before") or the kernel features (mask)
                 elementwise = isinstance(kernel, str) and kernel not in ("favor+", "favor++")
                 head_dim = embed_dim // num_heads
                 first = REGISTRY[rpe].modes[0] if rpe in REGISTRY else "logit"
                 features = head_dim if (mode or first) == "logit" or elementwise else num_features
-                options.setdefault(
-                    "dim", features if isinstance(kernel, str) else kernel.num_features
-                )
+                if not isinstance(kernel, str):
+                    features = kernel.num_features
+                on_head = getattr(REGISTRY.get(rpe), "dim_is_head_dim", lambda _: False)
+                options.setdefault("dim", head_dim if on_head(options) else features)
             rpe = build(rpe, pos_dim=pos_dim, num_heads=num_heads, **options)
         elif rpe is not None and not isinstance(rpe, RPE):
             raise ValueError(f"rpe must be None, a name or an RPE, got {type(rpe).__name__}")
@@ -227,12 +236,17 @@ class RPEAttention(nn.Module):
         self.feature_map = kernel
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias)
         self.out = nn.Linear(embed_dim, embed_dim, bias=bias)
+        if output_norm not in OUTPUT_NORMS:
+            raise ValueError(f"output_norm must be one of {OUTPUT_NORMS}, got {output_norm!r}")
+        self.output_norm = nn.LayerNorm(embed_dim) if output_norm == "layernorm" else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Reset the projections; an RPE keeps its parameters (``rpe.reset_parameters()``)."""
         self.qkv.reset_parameters()
         self.out.reset_parameters()
+        if self.output_norm is not None:
+            self.output_norm.reset_parameters()
 
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw new random kernel features and RPE frequencies."""
@@ -365,7 +379,16 @@ class RPEAttention(nn.Module):
             with torch.no_grad():
                 calibrate_featurizer(featurizer, q, k, pos, valid)
         out = self._complete_diagonal(out, q, k, v, pos, key_padding_mask, exact_kernel=False)
-        return self.out(out.flatten(-2))
+        return self._project(out, key_padding_mask)
+
+    def _project(self, out: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        """Heads ``[..., n, h, e]`` -> ``output_norm`` (padded rows zeroed again) -> ``out``."""
+        out = out.flatten(-2)
+        if self.output_norm is not None:
+            out = self.output_norm(out)
+            if key_padding_mask is not None:
+                out = out.masked_fill(key_padding_mask[..., None], 0.0)
+        return self.out(out)
 
     def _complete_diagonal(self, out, q, k, v, pos, key_padding_mask, exact_kernel: bool):
         """``out_i + K(q_i, k_i) (f(0) - f_hat(0)) v_i`` for RPEs with ``complete_diagonal``
@@ -480,7 +503,7 @@ class RPEAttention(nn.Module):
             if rpe == "features":  # the exact f's diagonal is completed in pairwise
                 exact_kernel = kernel == "exact"
                 out = self._complete_diagonal(out, q, k, v, pos, key_padding_mask, exact_kernel)
-        return self.out(out.flatten(-2))
+        return self._project(out, key_padding_mask)
 
     def extra_repr(self) -> str:
         return (

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .modes import Featurizer
+from .modes import Featurizer, prepare_featurizer
 
 
 def allowed_pairs(n: int, key_padding_mask, batch, causal, device) -> Tensor:
@@ -132,6 +132,7 @@ def feature_attention(
     if packed:
         q, k, v = q[None], k[None], v[None]
         pos = None if pos is None else pos[None]
+    prepare_featurizer(featurizer, q, k, pos)
     if key_padding_mask is not None and pos is not None:
         pos = pos.masked_fill(key_padding_mask[..., None], 0)
     fq, fk = featurizer.query(q, pos), featurizer.key(k, pos)

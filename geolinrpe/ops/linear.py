@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from .checks import check_batch, check_floating, check_key_padding_mask, check_same_device_dtype
-from .modes import Featurizer, TokenFeatures
+from .modes import Featurizer, TokenFeatures, prepare_featurizer
 from .packing import PaddedBuckets
 
 NORMALIZATIONS = ("masked", "kernel", "none")
@@ -111,6 +111,7 @@ def linear_attention(
         pos = None if pos is None else pos.float()
     if normalize == "kernel" and not featurizer.has_mask:
         normalize = "masked"  # identical without a mask; one code path
+    prepare_featurizer(featurizer, q, k, pos)
     with torch.autocast(device_type=v.device.type, enabled=False):
         if not packed:
             out = _dense(q, k, v, pos, featurizer, key_padding_mask, causal, normalize, chunk_size)

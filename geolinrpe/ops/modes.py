@@ -18,14 +18,17 @@ m RPE features (``2 x`` frequencies).
 
 A mode is a *featurizer*: ``query(q, pos)`` and ``key(k, pos)`` return
 :class:`TokenFeatures` for any slice of tokens, so the engine can compute features chunk
-by chunk and keep memory O(n (d + m)). ``calibrate(q, k, pos, valid)`` passes the feature
-map's inputs to an adaptive map's ``calibrate`` (FAVOR++,
-:class:`~geolinrpe.features.GERFFeatures`); :func:`calibrate_featurizer` does it for any
-featurizer.
+by chunk and keep memory O(n (d + m)). A featurizer that needs a statistic of the whole
+input first (:class:`GoogleLogitMode`'s key stabiliser) has ``prepare(q, k, pos)``, which the
+engine and the explicit references call once before any features.
+``calibrate(q, k, pos, valid)`` passes the feature map's inputs to an adaptive map's
+``calibrate`` (FAVOR++, :class:`~geolinrpe.features.GERFFeatures`);
+:func:`calibrate_featurizer` does it for any featurizer.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
@@ -208,6 +211,94 @@ class LogitMode(SpectrumCache):
             torch.cat([k * self.input_scale, psi_k], dim=-1),
             valid,
         )
+
+
+class GoogleLogitMode:
+    r"""Logit mode in the conventions of Google's FLT code (``flt-gm``, ``convention="google"``).
+
+    Reproduces scenic's ``sharp_masked_favor_attention`` and imp's ``general_favor_attention``
+    (``flt=True``) with ``exp_softmax_kernel_transformation``: with ``rho`` from
+    :meth:`~geolinrpe.rpe.GaussianMixtureRPE.google_ratio`, ``c = cos(2 pi xi . r)``,
+    ``s = sin(2 pi xi . r)`` and ``T = (d + 2m)^-1/4``,
+
+    .. math::
+
+        x = T\,[q,\ d^{1/4} m^{-1/2} \rho c,\ d^{1/4} m^{-1/2} \rho s], \qquad
+        \phi(x) = (\exp(W x - \mathrm{stab} - |x|^2/2) + 10^{-6}) / \sqrt{r},
+
+    the same for keys. ``stab`` is the maximum of ``W x`` over the features for a query, and
+    over all keys, heads and batch rows (padded keys included) for a key; :meth:`prepare`
+    computes the latter in one O(n) pass before the engine runs (the engine calls it). The
+    features are returned as they are (no ``log_scale``), as Google's code uses them, so the
+    ``1e-6`` enters exactly as there. The stabilisers carry no gradient (Google's do; they
+    cancel exactly without the ``1e-6``).
+
+    Args:
+        feature_map: :class:`~geolinrpe.features.PositiveRandomFeatures` whose ``projection``
+            ``W [r, d + 2m]`` is Google's projection matrix
+            (:meth:`~geolinrpe.features.PositiveRandomFeatures.set_projection`).
+        rpe: a :class:`~geolinrpe.rpe.GaussianMixtureRPE` with ``convention="google"``.
+    """
+
+    has_mask = False
+    num_rpe_features = 0
+    #: Google's ``numerical_stabilizer`` of ``exp_softmax_kernel_transformation``
+    EPSILON = 1e-6
+    #: elements of ``W x`` per slice in :meth:`prepare`
+    PREPARE_BUDGET = 2**22
+
+    def __init__(self, feature_map: FeatureMap, rpe) -> None:
+        if type(feature_map) is not PositiveRandomFeatures:
+            raise ValueError(
+                "convention='google' reproduces FAVOR+ (kernel='favor+'), got "
+                f"{type(feature_map).__name__}"
+            )
+        self.feature_map = feature_map
+        self.rpe = rpe
+        self.num_features = feature_map.num_features
+        self.key_stabilizer: Tensor | None = None
+
+    def _logits(self, x: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        """``(W x [..., h, r], |x|^2 / 2 [..., h, 1])`` of the joint vectors."""
+        d, m = x.shape[-1], self.rpe.num_frequencies
+        xi, rho = self.rpe.google_ratio()
+        phase = 2 * math.pi * torch.einsum("...p,hmp->...hm", pos.to(x.dtype), xi.to(x.dtype))
+        snippet = rho.to(x.dtype) * (d**0.25 / math.sqrt(m))
+        joint = torch.cat([x, torch.cos(phase) * snippet, torch.sin(phase) * snippet], dim=-1)
+        joint = joint * (d + 2 * m) ** -0.25
+        dash = torch.einsum("...d,rd->...r", joint, self.feature_map.projection.to(x.dtype))
+        return dash, joint.pow(2).sum(-1, keepdim=True) / 2
+
+    @torch.no_grad()
+    def prepare(self, q: Tensor, k: Tensor, pos: Tensor) -> None:
+        """The key stabiliser: ``max W x`` over every key, head and batch row given."""
+        keys, where = k.reshape(-1, *k.shape[-2:]), pos.reshape(-1, pos.shape[-1])
+        step = max(1, self.PREPARE_BUDGET // (k.shape[-2] * self.num_features))
+        self.key_stabilizer = max(
+            self._logits(keys[i : i + step], where[i : i + step])[0].amax()
+            for i in range(0, keys.shape[0], step)
+        )
+
+    def query(self, q: Tensor, pos: Tensor) -> TokenFeatures:
+        dash, diag = self._logits(q, pos)
+        stab = dash.detach().amax(-1, keepdim=True)
+        phi = (torch.exp(dash - stab - diag) + self.EPSILON) / math.sqrt(self.num_features)
+        return TokenFeatures(phi, None, None)
+
+    def key(self, k: Tensor, pos: Tensor) -> TokenFeatures:
+        if self.key_stabilizer is None:
+            raise RuntimeError("GoogleLogitMode.prepare(q, k, pos) must run before key()")
+        dash, diag = self._logits(k, pos)
+        stab = self.key_stabilizer.to(dash.dtype)
+        phi = (torch.exp(dash - stab - diag) + self.EPSILON) / math.sqrt(self.num_features)
+        return TokenFeatures(phi, None, None)
+
+
+def prepare_featurizer(featurizer: Featurizer, q: Tensor, k: Tensor, pos: Tensor | None) -> None:
+    """Run ``featurizer.prepare(q, k, pos)`` if it has one (whole-input statistics)."""
+    prepare = getattr(featurizer, "prepare", None)
+    if prepare is not None:
+        prepare(q, k, pos)
 
 
 class _Captured(Exception):

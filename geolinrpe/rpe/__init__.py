@@ -7,16 +7,16 @@
 name                   family                                                      modes
 =====================  ==========================================================  ==============
 ``flt-kernel``         FLT: Gaussian / Laplace / Matern / Cauchy kernel spectra    logit, mask
-``flt-gm``             FLT: learned Gaussian-mixture spectrum                      logit, mask
+``flt-gm``             FLT: learned Gaussian-mixture spectrum (or Google's code)   logit, mask
 ``flt-mlp``            FLT: learned spectral density (MLP) against a proposal      logit, mask
 ``flt-local``          FLT: 1D local window (smoothed box, sinc spectrum)          logit, mask
 ``flt-radial``         FLT: 3D radial spectrum, optional exact canonical frame     logit, mask
 ``flt-periodic``       FLT: lattice-periodic (crystals, slabs), needs ``cell``     logit, mask
 ``spe-sine``           SPE (Liutkus et al. 2021), sinusoidal kernels               mask
 ``spe-conv``           SPE, convolutional (1D/2D integer grids)                    mask
-``lrpe-unitary``       LRPE (Qin et al. 2023), complex rotation                    logit, mask
-``lrpe-orthogonal``    LRPE, Householder-conjugated rotation                       logit, mask
-``lrpe-permutation``   LRPE, permutation powers (1D integer positions)             logit, mask
+``lrpe-unitary``       LRPE (Qin et al. 2023), unitary exp(i theta s), 2d outputs  logit, mask
+``lrpe-orthogonal``    LRPE, RoPE rotation after a P (Householder by default)      logit, mask
+``lrpe-permutation``   LRPE, permutation powers after a P (1D integer positions)   logit, mask
 ``rope``               RoPE, 1D and axial 2D/3D                                    logit, mask
 ``string``             STRING (Cayley form)                                        logit, mask
 ``toeplitz-fft``       Toeplitz RPE by FFT (Luo et al. 2021), 1D/2D integer grids  mask

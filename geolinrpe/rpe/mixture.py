@@ -59,6 +59,36 @@ deterministic lattice rules:
   ``(g(xi) + g(-xi)) / (2 p(xi))`` (the same ``E_p[. cos]``), for offsets
   ``|Delta| <= quadrature_range / (2 pi s)``.
 
+Conventions (``convention=``). ``"paper"`` (default) is everything above: the formulas of
+the FLT paper. ``"google"`` reproduces Google's FLT code (scenic
+``projects/performer/performer.py``, ``sharp_masked_performer_dot_product_attention``;
+google-research ``imp/max/modeling/scalable_attention.py``, ``general_favor_attention``
+with ``flt=True``), which differs from the paper in five ways:
+
+1. fixed frequencies ``xi ~ N(0, I_p)`` (theirs: ``normal(PRNGKey(0), (h, M, p))``, load them
+   with :meth:`GaussianMixtureRPE.set_frequencies`) and the ratio ``rho = g(xi) / p_G(xi)``
+   multiplies *both* the query and the key snippet, so the bias estimate is
+   ``m^-1 sum_l rho_l^2 cos(2 pi xi_l . Delta)`` (:meth:`~GaussianMixtureRPE.spectrum`
+   returns the weights ``rho^2``);
+2. the joint vectors ``[q, d^1/4 psi]`` pass through FAVOR+ with the temperature
+   ``(d + 2m)^-1/4``: content logits ``q . k / sqrt(d + 2m)``, bias scaled by
+   ``sqrt(d / (d + 2m))`` (:class:`~geolinrpe.ops.modes.GoogleLogitMode`);
+3. the "proposal density" is ``p_G(xi) = (2 pi)^-1/2 exp(-|xi|^2 / 2)`` for every ``p``
+   (the normal density only for ``p = 1``);
+4. ``g(xi) = sum_k w_k exp(-|xi - mu_k|^2 / exp(s_k))`` with unconstrained ``s`` (our
+   ``sigma^2 = exp(s)``, the raw parameter is ``s``), parameters laid out per head as
+   ``[w (K) | mu (K p, row-major) | s (K)]`` (:meth:`~GaussianMixtureRPE.load_google_params`,
+   :meth:`~GaussianMixtureRPE.google_params`);
+5. FAVOR+ features ``(exp(W x - stab - |x|^2 / 2) + 1e-6) / sqrt(r)``, the query stabiliser
+   per token, the key stabiliser the maximum of ``W x`` over all keys, heads and batch rows
+   (padded keys included), denominators ``<= 0`` replaced by 1.
+
+``"google"`` supports logit mode only (bidirectional, ``kernel="favor+"``). Its exact
+target (``closed_form``) is the expectation of the estimate over ``xi ~ N(0, I_p)``,
+``E[rho^2 cos(2 pi xi . Delta)] = (2 pi)^(1 - p/2) int g^2 e^(|xi|^2/2) cos(2 pi xi . Delta)``,
+a double sum of Gaussians over component pairs ``(i, j)``, finite while
+``A_ij = exp(-s_i) + exp(-s_j) - 1/2 > 0``.
+
 Axes: ``...`` leading axes, p position dim, h heads, k components, m frequencies.
 """
 
@@ -69,6 +99,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..ops.exact import softmax_attention
+from ..ops.modes import GoogleLogitMode
 from .base import FourierRPE, _check_positive_ints
 from .frequencies import (
     QUADRATURE_RANGE,
@@ -80,6 +112,7 @@ from .frequencies import (
 )
 
 SAMPLERS = ("mixture", "proposal")
+CONVENTIONS = ("paper", "google")
 
 
 class GaussianMixtureRPE(FourierRPE):
@@ -118,6 +151,9 @@ class GaussianMixtureRPE(FourierRPE):
         frequencies: ``"mc"`` (default), ``"qmc"`` or ``"quadrature"`` (module docstring).
         quadrature_range: range of offsets the lattice rules are optimised for (default 3.0;
             module docstring).
+        convention: ``"paper"`` (default) or ``"google"`` (Google's FLT code, logit mode
+            only; module docstring). ``"google"`` takes the default ``sampler`` and no
+            ``proposal_scale``/``sigma_max``; its widths are ``sigma = exp(s / 2)``.
 
     Shapes:
         ``spectrum()`` -> ``xi [h, m, p]``, ``weight [h, m]``;
@@ -142,16 +178,29 @@ class GaussianMixtureRPE(FourierRPE):
         init_mu_std: float = 0.5,
         frequencies: str = "mc",
         quadrature_range: float = QUADRATURE_RANGE,
+        convention: str = "paper",
     ) -> None:
         super().__init__(pos_dim, num_heads, num_frequencies)
         _check_positive_ints(num_components=num_components)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         if init_sigma is not None and not init_sigma > 0:
             raise ValueError(f"init_sigma must be positive, got {init_sigma}")
         if not init_mu_std >= 0:
             raise ValueError(f"init_mu_std must be non-negative, got {init_mu_std}")
-        if sampler == "mixture":
+        if convention == "google":
+            if sampler != "mixture" or proposal_scale is not None or sigma_max is not None:
+                raise ValueError(
+                    "convention='google' has its own fixed proposal: leave sampler, "
+                    "proposal_scale and sigma_max at their defaults"
+                )
+            if frequencies == "quadrature":
+                raise ValueError("convention='google' draws its frequencies: 'mc' or 'qmc'")
+            sampler = "google"
+            init_sigma = 0.5 if init_sigma is None else init_sigma
+        elif sampler == "mixture":
             if num_frequencies < num_components:
                 raise ValueError(
                     f"num_frequencies={num_frequencies} must be >= num_components="
@@ -185,7 +234,10 @@ class GaussianMixtureRPE(FourierRPE):
                 f"[{num_heads}, {num_components}], got shape {list(init.shape)}"
             ) from err
         self.num_components = num_components
-        self.sampler = sampler
+        self.convention = convention
+        self.sampler = sampler  # "google" for convention="google"
+        if convention == "google":  # an instance attribute: Google's FLT is logit-only
+            self.modes = ("logit",)
         self.frequencies = check_frequencies(frequencies)
         self.quadrature_range = check_range(quadrature_range)
         self.proposal_scale = proposal_scale
@@ -231,6 +283,8 @@ class GaussianMixtureRPE(FourierRPE):
             self.mixture_means.normal_(0.0, self.init_mu_std)
             if self.sampler == "mixture":
                 self.raw_mixture_scales.fill_(math.log(self.init_sigma))
+            elif self.sampler == "google":  # s = log sigma^2
+                self.raw_mixture_scales.fill_(2 * math.log(self.init_sigma))
             else:
                 ratio = self.init_sigma / self.sigma_max
                 self.raw_mixture_scales.fill_(math.log(ratio / (1 - ratio)))
@@ -253,6 +307,8 @@ class GaussianMixtureRPE(FourierRPE):
         """Widths ``sigma [h, K]``."""
         if self.sampler == "mixture":
             return self.raw_mixture_scales.exp()
+        if self.sampler == "google":  # exp(s) = sigma^2
+            return (self.raw_mixture_scales / 2).exp()
         return self.sigma_max * torch.sigmoid(self.raw_mixture_scales)
 
     def component_masses(self) -> Tensor:
@@ -270,6 +326,9 @@ class GaussianMixtureRPE(FourierRPE):
         return value.reshape(self.num_heads, *lead)
 
     def spectrum(self) -> tuple[Tensor, Tensor]:
+        if self.sampler == "google":  # rho on both sides: weights rho^2
+            xi, rho = self.google_ratio()
+            return xi, rho.pow(2)
         if self.sampler == "mixture":
             c = self.component
             sigma = self.mixture_scales[:, c]  # [h, m]
@@ -295,7 +354,129 @@ class GaussianMixtureRPE(FourierRPE):
         )
         return (self.mixture_weights[:, None] * torch.exp(log_ratio)).sum(-1)
 
+    # ------------------------------------------------------------------ Google's convention
+    def google_ratio(self) -> tuple[Tensor, Tensor]:
+        """``(xi [h, m, p], rho [h, m])``: Google's fixed frequencies and signed ratios
+        ``rho = g(xi) / p_G(xi)``, ``p_G(xi) = (2 pi)^-1/2 exp(-|xi|^2 / 2)`` (module
+        docstring; ``convention="google"`` only)."""
+        self._require_google("google_ratio")
+        xi = self.base_noise
+        sq = (xi[:, :, None] - self.mixture_means[:, None]).pow(2).sum(-1)  # [h, m, K]
+        bumps = torch.exp(-sq / self.raw_mixture_scales.exp()[:, None])
+        g = (self.mixture_weights[:, None] * bumps).sum(-1)
+        density = torch.exp(-xi.pow(2).sum(-1) / 2) / math.sqrt(2 * math.pi)
+        return xi, g / density
+
+    @torch.no_grad()
+    def set_frequencies(self, xi: Tensor) -> None:
+        """Load fixed frequencies ``xi [h, m, p]`` (or ``[m, p]``, shared by the heads).
+
+        For ``convention="google"`` these are Google's ``points`` (``normal(PRNGKey(0),
+        (h, M, p))`` in their code); for ``sampler="proposal"`` the frequencies are
+        ``proposal_scale * draw``, so the draw becomes ``xi / proposal_scale``. The
+        ``"mixture"`` sampler's frequencies move with ``mu`` and ``sigma`` (set
+        ``base_noise``, its standard-normal draw, instead). :meth:`redraw` replaces them.
+        """
+        if self.sampler == "mixture":
+            raise ValueError(
+                "sampler='mixture' frequencies depend on mu and sigma: copy a standard-normal "
+                "draw into base_noise [h, m, p] instead"
+            )
+        xi = torch.as_tensor(xi)
+        shape = tuple(self.base_noise.shape)
+        if tuple(xi.shape) not in (shape, shape[1:]) or not xi.is_floating_point():
+            raise ValueError(
+                f"xi must be a float tensor of shape {list(shape)} or {list(shape[1:])}, "
+                f"got {list(xi.shape)}"
+            )
+        if not bool(torch.isfinite(xi).all()):
+            raise ValueError("xi must be finite")
+        scale = 1.0 if self.sampler == "google" else self.proposal_scale
+        self.base_noise.copy_((xi / scale).expand(shape))
+
+    def google_params(self) -> Tensor:
+        """Parameters in Google's layout ``[h, K (2 + p)]``: ``[w | mu (row-major) | s]``."""
+        self._require_google("google_params")
+        w, mu, s = self.mixture_weights, self.mixture_means, self.raw_mixture_scales
+        return torch.cat([w, mu.flatten(1), s], dim=-1)
+
+    @torch.no_grad()
+    def load_google_params(self, params: Tensor) -> None:
+        """Load Google's ``toeplitz_params`` / ``flt_params`` ``[h, K (2 + p)]`` as they are."""
+        self._require_google("load_google_params")
+        h, k, p = self.num_heads, self.num_components, self.pos_dim
+        params = torch.as_tensor(params)
+        if tuple(params.shape) != (h, k * (2 + p)) or not params.is_floating_point():
+            raise ValueError(
+                f"params must be a float tensor [num_heads, K (2 + p)] = [{h}, {k * (2 + p)}] "
+                f"([w (K) | mu (K p) | s (K)] per head), got {list(params.shape)}"
+            )
+        if not bool(torch.isfinite(params).all()):
+            raise ValueError("params must be finite")
+        self.mixture_weights.copy_(params[:, :k])
+        self.mixture_means.copy_(params[:, k : k * (1 + p)].reshape(h, k, p))
+        self.raw_mixture_scales.copy_(params[:, k * (1 + p) :])
+
+    def _require_google(self, name: str) -> None:
+        if self.convention != "google":
+            raise ValueError(f"{name} needs convention='google', got {self.convention!r}")
+
+    @property
+    def uses_whole_graph(self) -> bool:
+        """Google's key stabiliser is a maximum over all keys: not causal."""
+        return self.convention == "google"
+
+    def featurizer(self, feature_map, input_scale: float, mode: str):
+        if self.convention == "google":
+            if mode != "logit":
+                raise ValueError(f"convention='google' is logit mode only, got mode={mode!r}")
+            return GoogleLogitMode(feature_map, self)
+        return super().featurizer(feature_map, input_scale, mode)
+
+    def reference_attention(self, q, k, v, pos, *, featurizer, mode, normalize, **options):
+        """Google's convention: the exact softmax with logits ``q . k / sqrt(d + 2m)`` and the
+        bias ``sqrt(d / (d + 2m)) f`` (``kernel="exact"``); otherwise as the base class."""
+        if self.convention != "google":
+            return super().reference_attention(
+                q, k, v, pos, featurizer=featurizer, mode=mode, normalize=normalize, **options
+            )
+        kernel, rpe = options.pop("kernel", "exact"), options.pop("rpe", "exact")
+        if kernel != "exact":
+            raise ValueError("convention='google' has no kernel='features' reference here")
+        packed = options.get("batch") is not None
+        dense = pos[None] if packed else pos
+        bias = self.pairwise(dense, exact=rpe == "exact")
+        bias = bias[0] if packed else bias
+        total = q.shape[-1] + self.num_features
+        bias = bias * math.sqrt(q.shape[-1] / total)
+        return softmax_attention(q, k, v, bias, scale=total**-0.5, **options)
+
+    def _google_closed_form(self, delta: Tensor) -> Tensor:
+        """``E_(xi ~ N(0, I))[rho^2 cos(2 pi xi . Delta)]`` in closed form (module docstring)."""
+        p = self.pos_dim
+        w = self.mixture_weights.to(delta.dtype)
+        mu = self.mixture_means.to(delta.dtype)
+        a = torch.exp(-self.raw_mixture_scales.to(delta.dtype))  # 1 / sigma^2
+        big_a = a[:, :, None] + a[:, None, :] - 0.5  # [h, K, K]
+        if not bool((big_a > 0).all()):
+            raise ValueError(
+                "Google's estimate has an infinite expectation: exp(-s_i) + exp(-s_j) <= 1/2 "
+                "for some pair of components (widths sigma^2 = exp(s) >= 4)"
+            )
+        b = a[..., None] * mu  # [h, K, p]
+        b = b[:, :, None] + b[:, None, :]  # [h, K, K, p]
+        quad = a * mu.pow(2).sum(-1)  # a_i |mu_i|^2 [h, K]
+        const = b.pow(2).sum(-1) / big_a - quad[:, :, None] - quad[:, None, :]
+        coef = (2 * math.pi) ** (1 - p / 2) * w[:, :, None] * w[:, None, :]
+        coef = coef * (math.pi / big_a) ** (p / 2) * torch.exp(const)
+        sq = delta.pow(2).sum(-1)[..., None, None, None]  # [..., 1, 1, 1]
+        phase = 2 * math.pi * torch.einsum("...p,hijp->...hij", delta, b / big_a[..., None])
+        terms = coef * torch.exp(-(math.pi**2) * sq / big_a) * torch.cos(phase)
+        return terms.sum((-1, -2))
+
     def closed_form(self, delta: Tensor) -> Tensor:
+        if self.convention == "google":
+            return self._google_closed_form(delta)
         means = self.mixture_means.to(delta.dtype)
         sigma = self.mixture_scales.to(delta.dtype)
         masses = self.component_masses().to(delta.dtype)
@@ -309,6 +490,8 @@ class GaussianMixtureRPE(FourierRPE):
             f", num_components={self.num_components}, sampler={self.sampler!r}, "
             f"frequencies={self.frequencies!r}"
         )
+        if self.convention != "paper":
+            extra += f", convention={self.convention!r}"
         if self.sampler == "proposal":
             extra += f", proposal_scale={self.proposal_scale}, sigma_max={self.sigma_max}"
         return super().extra_repr() + extra

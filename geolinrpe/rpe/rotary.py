@@ -120,8 +120,14 @@ class OrthogonalMapRPE(RPE):
         dim: size ``d`` of the vectors ``M(r)`` acts on: the head dim in logit mode, the
             kernel feature count ``r`` in mask mode.
 
+    ``output_dim`` (default ``dim``) is the size of ``transform``'s output; a subclass may
+    set it larger (the unitary LRPE returns ``[Re, Im]``, ``2 d`` reals): the FAVOR+ input
+    in logit mode and the engine's feature count in mask mode. Only inner products of
+    transformed vectors matter, so ``M(0)`` need not be ``I``: the references use
+    ``<M(0) a, M(r_j - r_i) b>``.
+
     Shapes:
-        ``transform(x [..., h, d], pos [..., p])`` -> ``[..., h, d]``.
+        ``transform(x [..., h, d], pos [..., p])`` -> ``[..., h, output_dim]``.
     """
 
     modes = MODES
@@ -130,6 +136,7 @@ class OrthogonalMapRPE(RPE):
         super().__init__(pos_dim, num_heads)
         _check_dim("dim", dim)
         self.dim = dim
+        self.output_dim = dim
 
     def transform(self, x: Tensor, pos: Tensor) -> Tensor:  # pragma: no cover - abstract
         """``M(pos) x``: ``x [..., h, d]``, ``pos [..., p]`` -> ``[..., h, d]``."""
@@ -157,7 +164,7 @@ class OrthogonalMapRPE(RPE):
                 f"in logit mode {type(self).__name__} rotates q and k, so dim={self.dim} must "
                 f"equal the head dim {head_dim}"
             )
-        return head_dim
+        return self.output_dim if mode == "logit" else head_dim
 
     def featurizer(
         self, feature_map: FeatureMap, input_scale: float, mode: str
@@ -252,10 +259,10 @@ class OrthogonalMapFeaturizer:
                     f"needs kernel='favor+' (positive random features), got "
                     f"{type(feature_map).__name__}; elementwise maps are not rotation invariant"
                 )
-            if feature_map.input_dim != rpe.dim:
+            if feature_map.input_dim != rpe.output_dim:
                 raise ValueError(
                     f"logit mode: the feature map has input_dim={feature_map.input_dim} but "
-                    f"{name} rotates vectors of dim={rpe.dim}"
+                    f"{name} maps vectors of dim={rpe.dim} to {rpe.output_dim}"
                 )
         elif feature_map.num_features != rpe.dim:
             raise ValueError(
@@ -266,7 +273,7 @@ class OrthogonalMapFeaturizer:
         self.rpe = rpe
         self.input_scale = input_scale
         self.mode = mode
-        self.num_features = feature_map.num_features
+        self.num_features = feature_map.num_features if mode == "logit" else rpe.output_dim
 
     def _features(self, x: Tensor, pos: Tensor) -> TokenFeatures:
         if pos is None:
@@ -484,12 +491,17 @@ class STRING(OrthogonalMapRPE):
 
 
 def _relative_keys(x: Tensor, pos: Tensor, rpe: OrthogonalMapRPE) -> Tensor:
-    """``M(r_j - r_i) x_j`` for all pairs: ``x [b, j, h, d]``, ``pos`` -> ``[b, i, j, h, d]``.
+    """``M(r_j - r_i) x_j`` for all pairs: ``x [b, j, h, d]``, ``pos`` -> ``[b, i, j, h, d']``.
 
     Uses relative displacements only, never the absolute ``M(r)`` that the featurizers use.
     """
     delta = pos[:, None, :, :] - pos[:, :, None, :]  # [b, i, j, p]: r_j - r_i
     return rpe.transform(x[:, None].expand(-1, pos.shape[1], -1, -1, -1), delta)
+
+
+def _origin(x: Tensor, pos: Tensor, rpe: OrthogonalMapRPE) -> Tensor:
+    """``M(0) x`` (``x`` itself for a representation; ``P x`` for LRPE's ``core(P x)``)."""
+    return rpe.transform(x, torch.zeros_like(pos))
 
 
 def _finish(out: Tensor, key_padding_mask: Tensor | None, packed: bool) -> Tensor:
@@ -528,7 +540,7 @@ def rotary_softmax_reference(
     if packed:
         q, k, v, pos = q[None], k[None], v[None], pos[None]
     keys = _relative_keys(k, pos, rpe)
-    logits = torch.einsum("bihd,bijhd->bhij", q, keys) / math.sqrt(q.shape[-1])
+    logits = torch.einsum("bihd,bijhd->bhij", _origin(q, pos, rpe), keys) / math.sqrt(q.shape[-1])
     allowed = allowed_pairs(q.shape[1], key_padding_mask, batch, causal, q.device)
     logits = logits.masked_fill(~allowed, float("-inf"))
     weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows with no key -> 0
@@ -553,7 +565,8 @@ def rotary_kernel_reference(
     r"""Exact mask-mode attention on transformed kernel features, O(n^2).
 
     ``w_ij = phi(q_i)^T M(r_j - r_i) phi(k_j)`` with ``phi = feature_map(. * input_scale)``
-    (true features, log-scales applied), computed from relative maps only, and
+    (true features, log-scales applied; ``<M(0) phi(q_i), M(r_j - r_i) phi(k_j)>`` for maps
+    with ``M(0) != I`` such as LRPE's ``core(P x)``), computed from relative maps only, and
 
     * ``normalize="none"``: ``out_i = sum_j w_ij v_j`` (what LRPE uses; the engine's
       ``"none"``);
@@ -577,7 +590,7 @@ def rotary_kernel_reference(
     allowed = allowed_pairs(q.shape[1], key_padding_mask, batch, causal, q.device)
     (phi_q, scale_q), (phi_k, scale_k) = (feature_map(t * input_scale) for t in (q, k))
     keys = _relative_keys(phi_k, pos, rpe)
-    weights = torch.einsum("bihr,bijhr->bhij", phi_q, keys)
+    weights = torch.einsum("bihr,bijhr->bhij", _origin(phi_q, pos, rpe), keys)
     kernel = torch.einsum("bihr,bjhr->bhij", phi_q, phi_k)
     if scale_k is not None:  # true features are phi * exp(log_scale)
         total = scale_q.transpose(1, 2)[..., None] + scale_k.transpose(1, 2)[:, :, None, :]

@@ -565,3 +565,35 @@ def test_dense_layer_traces_without_graph_breaks(kw):
         explained = torch._dynamo.explain(attn)(x, pos, **extra)
         assert explained.graph_break_count == 0, explained.break_reasons
         torch._dynamo.reset()
+
+
+def test_output_norm_layernorm_before_the_projection_keeps_padded_rows_zero():
+    """output_norm="layernorm": nn.LayerNorm(embed_dim) on the concatenated heads, then the
+    output projection, in forward and reference; padded rows stay 0 before the projection."""
+    torch.manual_seed(0)
+    kw = dict(rpe="lrpe-unitary", pos_dim=1, mode="mask", kernel="elu", normalize="none")
+    attn = RPEAttention(16, 2, output_norm="layernorm", chunk_size=4, **kw).double()
+    plain = RPEAttention(16, 2, **kw).double()
+    plain.load_state_dict(attn.state_dict(), strict=False)
+    with torch.no_grad():
+        attn.output_norm.weight.normal_()
+        attn.output_norm.bias.normal_()
+    x, pos = torch.randn(2, 9, 16, dtype=D64), torch.arange(9.0, dtype=D64).expand(2, 9)[..., None]
+    mask = torch.zeros(2, 9, dtype=torch.bool)
+    mask[1, 6:] = True
+    heads = {}
+    plain.out.register_forward_hook(lambda m, args, out: heads.update(x=args[0]))
+    plain(x, pos, key_padding_mask=mask)
+    norm = attn.output_norm
+    want = torch.nn.functional.layer_norm(heads["x"], (16,), norm.weight, norm.bias)
+    want = attn.out(want.masked_fill(mask[..., None], 0.0))
+    for quadratic_below in (None, 0):
+        attn.quadratic_below = quadratic_below
+        torch.testing.assert_close(attn(x, pos, key_padding_mask=mask), want)
+    torch.testing.assert_close(attn.reference(x, pos, key_padding_mask=mask), want)
+    torch.testing.assert_close(
+        attn(x, pos, key_padding_mask=mask)[1, 6:], attn.out.bias.expand(3, 16)
+    )
+    assert "output_norm.weight" in attn.state_dict() and plain.output_norm is None
+    with pytest.raises(ValueError, match="output_norm must be one of"):
+        RPEAttention(16, 2, output_norm="rmsnorm")

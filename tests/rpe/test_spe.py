@@ -2,6 +2,7 @@
 target, gating, reproducible noise, translation invariance (per draw through the layer, in
 distribution for raw positions), gradients, bad options."""
 
+import copy
 import math
 
 import pytest
@@ -19,12 +20,16 @@ D64 = torch.float64
 KINDS = ["sine", "conv1d", "conv2d"]
 
 
-def make_spe(kind, heads=2, channels=4, realizations=16, gated=True, grid=24, kernel=3, sines=2):
+def make_spe(
+    kind, heads=2, channels=4, realizations=16, gated=True, grid=24, kernel=3, sines=2, **kw
+):
+    """placement="after" unless given (most tests here check the kernel-feature encoding)."""
+    kw.setdefault("placement", "after")
     if kind == "sine":
-        spe = SineSPE(1, heads, channels, realizations, num_sines=sines, gated=gated)
+        spe = SineSPE(1, heads, channels, realizations, num_sines=sines, gated=gated, **kw)
     else:
         p = 1 if kind == "conv1d" else 2
-        spe = ConvSPE(p, heads, channels, grid, kernel, realizations, gated=gated)
+        spe = ConvSPE(p, heads, channels, grid, kernel, realizations, gated=gated, **kw)
     return spe.double()
 
 
@@ -216,17 +221,28 @@ def test_layer_defaults_to_masked_normalisation_and_refuses_kernel():
 
 
 def test_layer_builds_by_name_and_fills_the_channels(monkeypatch):
-    """Registered as "spe-sine"/"spe-conv", the layer fills ``dim`` with its kernel features."""
+    """Registered as "spe-sine"/"spe-conv", the layer fills ``dim``: with placement="after"
+    the kernel features, with "before" (the default) the head dim, and the feature map then
+    reads the R encoded features."""
     monkeypatch.setitem(REGISTRY, "spe-sine", SineSPE)
     monkeypatch.setitem(REGISTRY, "spe-conv", ConvSPE)
-    elu = RPEAttention(12, 2, rpe="spe-sine", pos_dim=1, mode="mask", kernel="elu")
-    favor = RPEAttention(
-        12, 2, rpe="spe-conv", pos_dim=2, mode="mask", kernel="favor+", num_features=16,
-        rpe_options=dict(grid_size=8, num_realizations=8),
-    )  # fmt: skip
-    assert (elu.rpe.dim, favor.rpe.dim) == (6, 16)
     pos = grid_positions("conv2d", 10)[None]
-    assert favor(torch.randn(1, 10, 12), pos.float()).shape == (1, 10, 12)
+    for placement, dims in (("after", (6, 16)), ("before", (6, 6))):
+        elu = RPEAttention(
+            12, 2, rpe="spe-sine", pos_dim=1, mode="mask", kernel="elu",
+            rpe_options=dict(placement=placement),
+        )  # fmt: skip
+        favor = RPEAttention(
+            12, 2, rpe="spe-conv", pos_dim=2, mode="mask", kernel="favor+", num_features=16,
+            rpe_options=dict(grid_size=8, num_realizations=8, placement=placement),
+        )  # fmt: skip
+        assert (elu.rpe.dim, favor.rpe.dim) == dims
+        if placement == "before":
+            assert (elu.feature_map.input_dim, favor.feature_map.input_dim) == (64, 8)
+            assert favor.rpe.code_scale == "reference" and favor.normalize == "masked"
+        assert favor(torch.randn(1, 10, 12), pos.float()).shape == (1, 10, 12)
+    default = RPEAttention(12, 2, rpe="spe-sine", pos_dim=1, kernel="favor+")
+    assert default.rpe.placement == "before" and default.mode == "mask"
 
 
 # ---------------------------------------------------------------- (d) reproducible noise
@@ -407,3 +423,320 @@ def test_bad_usage_raises():
         attn.double()(
             torch.randn(1, 4, 8, dtype=D64), torch.arange(4.0, dtype=D64)[None, :, None] / 2
         )
+
+
+# ---------------------------------------------------------------- (h) the reference code
+# An independent float64 transcription of the formulas of the reference implementation
+# (aliutkus/spe, src/pytorch/spe/spe.py: SineSPE, ConvSPE, SPEFilter), then attention on
+# qhat, khat: the exact softmax exp(qhat.khat / sqrt(R)) and FAVOR+ with the Performer's data
+# normaliser R^-1/4 and a given projection W. Draws are the standard-normal tensors of the
+# reference forward; positions are 0, 1, ... (raster (row, col) in 2D).
+H, HEAD, R_REF, M_REF = 2, 4, 16, 32
+
+
+def ref_codes(kind, params, z, size):
+    """Ungated (qbar, kbar) ``[n, h, d, R]``, scaled by (R d)^-1/4."""
+    if kind == "sine":
+        freqs, offsets, gains = params["freqs"], params["offsets"], params["gains"]
+        sines = freqs.shape[-1]
+        u = torch.arange(size[0], dtype=freqs.dtype)
+        f = torch.sigmoid(freqs) / 2
+        amplitude = torch.nn.functional.softplus(gains).repeat_interleave(2, -1)
+        weights = z[0] / math.sqrt(2 * sines) * amplitude[..., None]  # [h, d, 2K, R]
+
+        def omega(offset):  # [h, d, n, 2K]: (cos, sin) of each sine, interleaved
+            phase = 2 * math.pi * f[:, :, None, :] * u[:, None] + offset[:, :, None, :]
+            return torch.stack([torch.cos(phase), torch.sin(phase)], -1).flatten(-2)
+
+        qbar = omega(offsets) @ weights
+        kbar = omega(torch.zeros_like(offsets)) @ weights
+        qbar, kbar = (c.permute(2, 0, 1, 3) for c in (qbar, kbar))
+    else:
+        wq, wk = params["conv_q.weight"], params["conv_k.weight"]
+        taps = wq.shape[2:]
+        conv = torch.nn.functional.conv1d if len(taps) == 1 else torch.nn.functional.conv2d
+        window = (slice(None), slice(None)) + tuple(
+            slice(t, t + s) for t, s in zip(taps, size, strict=True)
+        )
+        kbar = conv(z, wq, groups=wq.shape[0])[window]  # the reference's conv_q -> kbar
+        qbar = conv(z, wk, groups=wk.shape[0])[window]
+        qbar, kbar = (
+            c.reshape(R_REF, H, HEAD, -1).permute(3, 1, 2, 0) for c in (qbar, kbar)
+        )  # raster order of the grid
+    scale = (R_REF * HEAD) ** 0.25
+    return qbar / scale, kbar / scale
+
+
+def ref_filter(qbar, kbar, q, k, gate=None, gate_z=None):
+    """SPEFilter: gating, then qhat = sum_d qbar q, for one sequence q, k ``[n, h, d]``."""
+    if gate is not None:
+        g = torch.sigmoid(gate)[..., None]
+        noise = gate_z / (HEAD * R_REF) ** 0.25
+        qbar = torch.sqrt(1 - g) * qbar + torch.sqrt(g) * noise
+        kbar = torch.sqrt(1 - g) * kbar + torch.sqrt(g) * noise
+    return torch.einsum("nhdr,nhd->nhr", qbar, q), torch.einsum("nhdr,nhd->nhr", kbar, k)
+
+
+def ref_softmax(qhat, khat, v):
+    weights = torch.softmax(torch.einsum("ihr,jhr->hij", qhat, khat) / math.sqrt(R_REF), -1)
+    return torch.einsum("hij,jhe->ihe", weights, v)
+
+
+def ref_performer(qhat, khat, v, w):
+    def phi(x):
+        x = x * R_REF**-0.25
+        return torch.exp(x @ w.T - x.pow(2).sum(-1, keepdim=True) / 2) / math.sqrt(w.shape[0])
+
+    fq, fk = phi(qhat), phi(khat)
+    num = torch.einsum("ihm,jhm,jhe->ihe", fq, fk, v)
+    return num / torch.einsum("ihm,jhm->ih", fq, fk)[..., None]
+
+
+def reference_case(kind, gated, dtype, seed=0):
+    """The reference code's parameters and draws, the matching layer, inputs and positions."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=D64)
+
+    if kind == "sine":
+        sines, size = 3, (9,)
+        params = {"freqs": randn(H, HEAD, sines) - 1.0, "offsets": randn(H, HEAD, sines)}
+        params["gains"] = randn(H, HEAD, sines)
+        z = randn(1, H, HEAD, 2 * sines, R_REF)
+        name, options = "spe-sine", dict(num_sines=sines)
+    else:
+        taps, size = ((3,), (9,)) if kind == "conv1d" else ((2, 3), (3, 4))
+        shape = (H * HEAD, 1, *taps)
+        scale = math.sqrt(math.prod(taps) / 2)
+        params = {
+            "conv_q.weight": torch.rand(shape, generator=gen, dtype=D64) / scale,
+            "conv_k.weight": (torch.rand(shape, generator=gen, dtype=D64) - 0.3) / scale,
+        }
+        z = randn(R_REF, H * HEAD, *(4 * t + s for t, s in zip(taps, size, strict=True)))
+        grid = tuple(s + 2 for s in size)
+        name, options = "spe-conv", dict(grid_size=grid, kernel_size=taps)
+    gate_z = None
+    if gated:
+        params["gate"] = randn(H, HEAD)
+        gate_z = randn(H, HEAD, R_REF)
+    w = randn(M_REF, R_REF)
+    n = math.prod(size)
+    x = randn(2, n, H * HEAD)
+    # every input rounded to the layer's dtype, so that only its arithmetic differs
+    params, z, gate_z, w, x = (
+        t if t is None else {k: v.to(dtype).to(D64) for k, v in t.items()}
+        if isinstance(t, dict) else t.to(dtype).to(D64)
+        for t in (params, z, gate_z, w, x)
+    )  # fmt: skip
+    layer = RPEAttention(
+        H * HEAD, H, rpe=name, pos_dim=len(size), kernel="favor+", num_features=M_REF,
+        rpe_options=dict(num_realizations=R_REF, gated=gated, **options),
+    ).to(dtype)  # fmt: skip
+    layer.rpe.load_reference(params, z, gate_z)
+    layer.feature_map.set_projection(w)
+    if len(size) == 1:
+        pos = torch.arange(n, dtype=D64)[:, None]
+    else:
+        pos = torch.stack(torch.meshgrid(*(torch.arange(s) for s in size), indexing="ij"), -1)
+        pos = pos.reshape(n, 2).to(D64)
+    return layer, params, z, gate_z, w, x, pos[None].expand(2, -1, -1), size
+
+
+def reference_outputs(kind, layer, params, z, gate_z, w, x, mask, size):
+    """Per batch row, the reference pipeline on the row's valid tokens (positions 0, 1, ...),
+    through the layer's q/k/v and output projections (in float64)."""
+    exact = layer.double() if layer.qkv.weight.dtype == D64 else copy.deepcopy(layer).double()
+    qbar, kbar = ref_codes(kind, params, z, size)
+    q, k, v = exact.qkv(x).unflatten(-1, (3, H, HEAD)).unbind(-3)
+    soft, perf = (torch.zeros_like(v) for _ in range(2))
+    for row in range(x.shape[0]):
+        valid = ~mask[row]
+        m = int(valid.sum())
+        qhat, khat = ref_filter(
+            qbar[:m], kbar[:m], q[row, valid], k[row, valid], params.get("gate"), gate_z
+        )
+        soft[row, valid] = ref_softmax(qhat, khat, v[row, valid])
+        perf[row, valid] = ref_performer(qhat, khat, v[row, valid], w)
+    qhat_all, _ = ref_filter(qbar, kbar, q[0], k[0], params.get("gate"), gate_z)
+    return exact.out(soft.flatten(-2)), exact.out(perf.flatten(-2)), q[0], qhat_all
+
+
+def max_relative(a, b):
+    return ((a.to(D64) - b).abs().max() / b.abs().max()).item()
+
+
+AGREEMENT = {}
+
+
+@pytest.mark.parametrize("dtype", [D64, torch.float32])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_layer_equals_the_reference_code(kind, gated, dtype):
+    """Placement "before" (default) with the reference code's parameters and draws: encode ==
+    SPEFilter's qhat; the layer == Performer on qhat (data normaliser R^-1/4, given W);
+    layer.reference(kernel="exact") == softmax(qhat khat^T / sqrt(R)); padded rows (left
+    and right padding) == the reference on the unpadded sequence."""
+    layer, params, z, gate_z, w, x, pos, size = reference_case(kind, gated, dtype)
+    mask = torch.zeros(2, x.shape[1], dtype=torch.bool)
+    if kind != "conv2d":  # 2D: raster positions count from the first token; no padding
+        mask[1, :2] = True
+        mask[1, -2:] = True
+    soft, perf, q0, qhat0 = reference_outputs(kind, layer, params, z, gate_z, w, x, mask, size)
+    xs, ps = x.to(dtype), pos.to(dtype)
+    tol = 1e-10 if dtype == D64 else 1e-6
+    valid = ~mask
+    with torch.no_grad():
+        encoded = layer.rpe.encode(q0.to(dtype), torch.zeros_like(ps[0]) + pos[0].to(dtype), True)
+        errors = {"qhat": max_relative(encoded, qhat0)}
+        errors["favor+"] = max_relative(layer(xs, ps, key_padding_mask=mask)[valid], perf[valid])
+        layer.quadratic_below = 0  # the chunked O(n) engine, not the explicit form
+        layer.chunk_size = 4
+        errors["favor+ engine"] = max_relative(
+            layer(xs, ps, key_padding_mask=mask)[valid], perf[valid]
+        )
+        exact = layer.reference(xs, ps, key_padding_mask=mask, kernel="exact", rpe="features")
+        errors["softmax"] = max_relative(exact[valid], soft[valid])
+    AGREEMENT[kind, gated, str(dtype)] = errors
+    assert max(errors.values()) < tol, errors
+
+
+def test_reference_scale_and_temperature_conventions():
+    """code_scale="reference" codes are the unbiased ones times (R/d)^1/4; for a softmax map
+    the feature map's input is the same for both scales (the Performer's input)."""
+    spe = make_spe("sine", placement="before", realizations=R_REF, channels=HEAD)
+    assert spe.code_scale == "reference"
+    unbiased = make_spe("sine", placement="before", realizations=R_REF, channels=HEAD)
+    unbiased.code_scale = "unbiased"
+    unbiased.load_state_dict(spe.state_dict())
+    q = torch.randn(5, H, HEAD, dtype=D64)
+    pos = torch.arange(5, dtype=D64)[:, None]
+    ratio = (R_REF / HEAD) ** 0.25
+    torch.testing.assert_close(spe.encode(q, pos, True), unbiased.encode(q, pos, True) * ratio)
+    fm = build_feature_map("favor+", R_REF, 8).double()
+    a, b = (s.featurizer(fm, HEAD**-0.25, "mask") for s in (spe, unbiased))
+    assert a.kernel_scale == pytest.approx(R_REF**-0.25)
+    torch.testing.assert_close(a.encoded(q, pos, True), b.encoded(q, pos, True))
+    assert make_spe("sine").code_scale == "unbiased"  # placement "after": unchanged default
+
+
+# ---------------------------------------------------------------- (i) placement "before"
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kernel", ["elu", "favor+"])
+def test_before_layer_forward_equals_reference_and_gradients(kind, kernel):
+    spe = make_spe(kind, channels=6, realizations=10, grid=16, placement="before").float()
+    attn = RPEAttention(
+        12, 2, rpe=spe, kernel=kernel, num_features=8, chunk_size=4, quadratic_below=0
+    ).double()
+    assert attn.feature_map.input_dim == 10
+    x = torch.randn(2, 10, 12, dtype=D64)
+    pos = grid_positions(kind, 10)[None].expand(2, -1, -1) + 3.0
+    mask = torch.zeros(2, 10, dtype=torch.bool)
+    mask[0, :2] = True
+    mask[1, 7:] = True
+    fast = attn(x, pos, key_padding_mask=mask)
+    ref = attn.reference(x, pos, key_padding_mask=mask)
+    torch.testing.assert_close(fast, ref, atol=1e-10, rtol=1e-10)
+    exact = attn.reference(x, pos, key_padding_mask=mask, kernel="exact", rpe="features")
+    if kernel == "elu":  # a deterministic map: its features are its kernel
+        torch.testing.assert_close(exact, ref, atol=1e-10, rtol=1e-10)
+    with pytest.raises(ValueError, match="rpe='features'"):
+        attn.reference(x, pos, key_padding_mask=mask, rpe="exact")
+    fast.pow(2).sum().backward()
+    names = ["freqs", "offsets", "gains"] if kind == "sine" else ["query_filter", "key_filter"]
+    for name in names + ["gate"]:
+        grad = getattr(attn.rpe, name).grad
+        assert grad is not None and torch.isfinite(grad).all() and grad.abs().max() > 0, name
+
+
+def test_before_is_after_for_the_identity_kernel_up_to_the_code_scale():
+    """Linear kernel: phi(encode(q)) == encode(phi(q)); the two placements agree."""
+    before = make_spe("conv1d", placement="before", code_scale="unbiased")
+    after = make_spe("conv1d", placement="after")
+    after.load_state_dict(before.state_dict())
+    q, k, v = qkv((1, 9))
+    pos = grid_positions("conv1d", 9)[None]
+    outs = [
+        linear_attention(
+            q, k, v, pos,
+            featurizer=s.featurizer(build_feature_map("identity", dim).double(), 1.0, "mask"),
+            normalize="none",
+        )
+        for s, dim in ((before, 16), (after, 4))
+    ]  # fmt: skip
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-12, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- (j) fresh noise, injection
+def test_fresh_noise_redraws_every_forward_and_keeps_autograd():
+    spe = make_spe("sine", placement="before", realizations=8, fresh_noise=True)
+    attn = RPEAttention(8, 2, rpe=spe.float(), kernel="favor+", num_features=8).double()
+    x = torch.randn(1, 7, 8, dtype=D64)
+    pos = torch.arange(7, dtype=D64).view(1, 7, 1)
+    first = attn(x, pos)
+    drawn = attn.rpe.noise
+    second = attn(x, pos)  # a new draw; the first graph keeps the previous buffer
+    assert not torch.equal(attn.rpe.noise, drawn) and (first - second).abs().max() > 1e-6
+    (first.sum() + second.sum()).backward()  # in-place redraws would break this backward
+    attn.rpe.fresh_noise = False  # the stored draw is the one the last forward used, for
+    torch.testing.assert_close(attn(x, pos), second, atol=0, rtol=0)  # queries and keys
+
+
+def test_set_noise_and_load_reference_validate():
+    spe = make_spe("conv1d", placement="before", grid=8)
+    good = torch.randn(spe.noise.shape, dtype=D64)
+    spe.set_noise(good, torch.randn(spe.gate_noise.shape))
+    assert torch.equal(spe.noise, good) and spe.noise is not good
+    for bad in (good[..., :-1], good.clone().fill_(float("nan")), good.long()):
+        with pytest.raises(ValueError, match="noise"):
+            spe.set_noise(bad)
+    with pytest.raises(ValueError, match="gate_noise"):
+        make_spe("sine", gated=False).set_noise(
+            make_spe("sine").noise, torch.randn(2, 4, 16, dtype=D64)
+        )
+    with pytest.raises(ValueError, match="unknown reference parameter"):
+        spe.load_reference({"conv_v.weight": torch.ones(8, 1, 3)})
+    with pytest.raises(ValueError, match="conv_q.weight"):
+        spe.load_reference({"conv_q.weight": torch.ones(8, 3)})
+    with pytest.raises(ValueError, match="grid_size"):  # s = 9 > grid_size = 8
+        spe.load_reference(noise=torch.randn(16, 8, 4 * 3 + 9))
+    with pytest.raises(ValueError, match="noise"):
+        make_spe("sine").load_reference(noise=torch.randn(2, 4, 4, 16))
+    with pytest.raises(ValueError, match="placement"):
+        make_spe("sine", placement="middle")
+    with pytest.raises(ValueError, match="code_scale"):
+        make_spe("sine", code_scale="authors")
+    with pytest.raises(ValueError, match="fresh_noise"):
+        make_spe("sine", fresh_noise=1)
+    with pytest.raises(ValueError, match="placement='after'"):
+        spe_reference(*qkv((1, 4)), torch.zeros(1, 4, 1, dtype=D64), spe, None)
+    feat = spe.featurizer(build_feature_map("elu", 16).double(), 1.0, "mask")
+    with pytest.raises(ValueError, match="head dim"):
+        feat.query(torch.randn(1, 4, 2, 3, dtype=D64), torch.zeros(1, 4, 1, dtype=D64))
+    with pytest.raises(ValueError, match="input_dim"):
+        spe.featurizer(build_feature_map("elu", 4).double(), 1.0, "mask")
+
+
+def test_reproducing_doc_script_runs():
+    """The SPE script of docs/reproducing.md runs; its qhat is the transcription's."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "reproducing.md").read_text()
+    blocks = [block.split("```")[0] for block in text.split("```python\n")[1:]]
+    (script,) = [block for block in blocks if 'rpe="spe-sine"' in block]
+    scope = {}
+    torch.manual_seed(0)
+    exec(compile(script, "reproducing.md", "exec"), scope)
+    assert scope["out"].shape == scope["x"].shape == scope["out_conv"].shape
+    assert torch.isfinite(scope["out"]).all() and torch.isfinite(scope["out_conv"]).all()
+    theirs, n = scope["theirs"], scope["n"]
+    params = {k: v.double() for k, v in theirs.items()}
+    head_dim, r = scope["head_dim"], scope["R"]
+    qbar, kbar = ref_codes("sine", params, scope["z"].double(), (n,))
+    scale = (r * head_dim) ** 0.25 / (R_REF * HEAD) ** 0.25  # ref_codes assumes R_REF, HEAD
+    qbar, kbar = qbar / scale, kbar / scale
+    g = torch.sigmoid(params["gate"])[..., None]
+    noise = scope["gate_z"].double() / (head_dim * r) ** 0.25
+    qbar = torch.sqrt(1 - g) * qbar + torch.sqrt(g) * noise
+    want = torch.einsum("nhdr,bnhd->bnhr", qbar, scope["q"].double())
+    assert max_relative(scope["qhat"].detach(), want) < 1e-6
