@@ -22,7 +22,7 @@ from ..ops.checks import (
     eager_checks,
 )
 from ..ops.exact import feature_attention, kernel_matrix, masked_kernel_attention
-from ..ops.linear import NORMALIZATIONS, linear_attention
+from ..ops.linear import ENGINES, NORMALIZATIONS, linear_attention
 from ..ops.modes import Featurizer, MaskMode, calibrate_featurizer
 from ..ops.packing import to_packed, to_padded
 from ..rpe import REGISTRY, RPE, build
@@ -106,6 +106,12 @@ class RPEAttention(nn.Module):
             unnormalised linear attention of LRPE/TransNormer (Qin et al.) does; use it with
             ``normalize="none"``. Padded rows stay 0 (the norm is applied, then they are
             zeroed again).
+        engine: ``"auto"`` (default), ``"torch"`` or ``"triton"``: the O(n) engine
+            (:func:`~geolinrpe.ops.linear_attention`; ``"auto"`` takes the fused Triton
+            kernels of :mod:`geolinrpe.ops.fused` for CUDA tensors when they support the
+            configuration, the chunked torch engine otherwise). ``"triton"`` also turns the
+            ``quadratic_below`` path off. RPEs with an algorithm of their own (FFT Toeplitz)
+            ignore it.
         rpe_options: keyword options for :func:`geolinrpe.rpe.build` when ``rpe`` is a name.
 
     Shapes:
@@ -138,8 +144,12 @@ class RPEAttention(nn.Module):
         rpe_options: dict | None = None,
         quadratic_below: int | None = None,
         output_norm: str | None = None,
+        engine: str = "auto",
     ) -> None:
         super().__init__()
+        if engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = engine
         for name, value in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -364,6 +374,8 @@ class RPEAttention(nn.Module):
             out = self._explicit(q, k, v, pos, featurizer, **layout)
         else:
             attend = linear_attention if self.rpe is None else self.rpe.attend
+            if self.rpe is None or self.rpe.uses_engine:
+                layout["engine"] = self.engine
             out = attend(
                 q,
                 k,
@@ -411,7 +423,7 @@ class RPEAttention(nn.Module):
 
     def _quadratic(self, q, v, featurizer, batch, key_padding_mask) -> bool:
         """Whether ``quadratic_below`` sends this input to the explicit O(n^2) form."""
-        if self.rpe is not None and not self.rpe.uses_engine:
+        if self.engine == "triton" or (self.rpe is not None and not self.rpe.uses_engine):
             return False
         if torch.compiler.is_compiling() or not eager_checks():
             return False

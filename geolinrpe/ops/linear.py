@@ -59,6 +59,7 @@ from .modes import Featurizer, TokenFeatures, prepare_featurizer
 from .packing import PaddedBuckets
 
 NORMALIZATIONS = ("masked", "kernel", "none")
+ENGINES = ("auto", "torch", "triton")
 HALF = (torch.float16, torch.bfloat16)
 #: elements of per-chunk working memory for the default chunk size (32 MiB in float32)
 CHUNK_BUDGET = 2**23
@@ -78,6 +79,7 @@ def linear_attention(
     normalize: str = "masked",
     chunk_size: int | None = None,
     check_finite: bool = True,
+    engine: str = "auto",
 ) -> Tensor:
     """Linear attention with RPE features in O(n) time and memory.
 
@@ -92,6 +94,11 @@ def linear_attention(
         normalize: ``"masked"``, ``"kernel"`` or ``"none"`` (module docstring).
         chunk_size: tokens per chunk (default: from a 32 MiB buffer budget; 64 if causal).
         check_finite: reject NaN/inf in q, k, v, pos.
+        engine: ``"auto"`` (default: the fused Triton kernels of :mod:`geolinrpe.ops.fused`
+            on CUDA tensors when Triton is installed and they support the featurizer, this
+            chunked torch engine otherwise), ``"torch"`` or ``"triton"`` (force; an error
+            names what is missing). The torch engine is the reference the kernels are
+            tested against.
 
     Returns:
         ``[b, n, h, e]`` or ``[n, h, e]`` in ``v``'s dtype (zeros of that shape when there
@@ -99,6 +106,8 @@ def linear_attention(
     """
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {normalize!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     packed = batch is not None
@@ -106,6 +115,11 @@ def linear_attention(
     out_dtype = v.dtype
     if q.shape[:-2].numel() == 0:  # no tokens (b = 0 or n = 0): nothing attends
         return v.new_zeros(v.shape)
+    if engine == "triton" or (engine == "auto" and _fused_applies(q, featurizer)):
+        from .fused import fused_attention
+
+        layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=causal)
+        return fused_attention(q, k, v, pos, featurizer=featurizer, normalize=normalize, **layout)
     if out_dtype in HALF:  # accumulate in float32
         q, k, v = q.float(), k.float(), v.float()
         pos = None if pos is None else pos.float()
@@ -125,6 +139,15 @@ def linear_attention(
                 dense = _dense(qb, kb, vb, pb, featurizer, mask, causal, normalize, chunk_size)
                 layout.scatter(out, dense, index, mask)
     return out.to(out_dtype)
+
+
+def _fused_applies(q: Tensor, featurizer: Featurizer) -> bool:
+    """``engine="auto"``: CUDA tensors, Triton installed, a featurizer the kernels support."""
+    if not q.is_cuda:
+        return False
+    from . import fused
+
+    return fused.available() and fused.fused_support(featurizer) is None
 
 
 def _check_inputs(q, k, v, pos, key_padding_mask, batch, packed, check_finite) -> None:
