@@ -38,9 +38,9 @@ torch engine does; queries use their own maximum. ``normalize="none"`` multiplie
 back at the end.
 
 Backward: :class:`_FusedAttention` recomputes through the torch engine on the same raw
-tensors (a :class:`SpectralFeaturizer`) and differentiates that, so gradients reach q, k,
-v, pos and the spectrum (hence the RPE's parameters) exactly as the torch engine's do, at
-the torch engine's speed and memory.
+tensors (a :class:`SpectralFeaturizer`) with ``recompute=True`` and differentiates that, so
+gradients reach q, k, v, pos and the spectrum (hence the RPE's parameters) exactly as the
+torch engine's do, at the torch engine's speed, keeping one chunk's buffers at a time.
 """
 
 from __future__ import annotations
@@ -676,7 +676,7 @@ class _FusedAttention(torch.autograd.Function):
             out = linear_attention(
                 q, k, v, pos, featurizer=featurizer, key_padding_mask=key_padding_mask,
                 batch=batch, causal=ctx.causal, normalize=ctx.normalize, engine="torch",
-                check_finite=False,
+                check_finite=False, recompute=True,
             )  # fmt: skip
             wanted = [t for t in inputs if t is not None and t.requires_grad]
             grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))

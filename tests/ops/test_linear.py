@@ -202,3 +202,35 @@ def test_gradcheck_inputs_positions_and_rpe_parameters(mode, causal, packed):
                 param[h] += eps
             fd = (plus - minus) / (2 * eps)
             assert abs(fd - grad[h]) <= 1e-6 * (1 + abs(fd)), (h, fd, grad[h])
+
+
+@pytest.mark.parametrize("mode,kernel,normalize", CASES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+def test_recompute_gives_the_same_values_and_gradients(mode, kernel, normalize, causal, packed):
+    """``recompute=True`` rebuilds each chunk in the backward pass: the same output and
+    gradients (q, k, v, pos, the RPE's parameters), and far fewer tensors kept."""
+    featurizer = make_featurizer(mode, kernel)
+    featurizer.cache_spectrum = True  # as RPEAttention sets it: the primed spectrum is reused
+    shape = (29,) if packed else (2, 29)
+    layout = {"causal": causal, "normalize": normalize, "chunk_size": 6}
+    if packed:
+        layout["batch"] = torch.repeat_interleave(torch.arange(3), torch.tensor([11, 1, 17]))
+    else:
+        layout["key_padding_mask"] = torch.arange(29)[None] >= torch.tensor([[29], [20]])
+    runs, drawn = [], inputs(shape)
+    for recompute in (False, True):
+        featurizer._cached = None
+        tensors = [t.clone().requires_grad_() for t in drawn]
+        kept = []
+        hooks = (lambda t, kept=kept: kept.append(t.numel()) or t, lambda t: t)
+        with torch.autograd.graph.saved_tensors_hooks(*hooks):
+            out = linear_attention(*tensors, featurizer=featurizer, recompute=recompute, **layout)
+        params = list(featurizer.rpe.parameters())
+        grads = torch.autograd.grad(out, tensors + params, torch.ones_like(out).cos())
+        runs.append((out, grads, sum(kept)))
+    (out, grads, kept), (out_r, grads_r, kept_r) = runs
+    torch.testing.assert_close(out_r, out, rtol=1e-12, atol=1e-12)
+    for a, b in zip(grads_r, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert kept_r < kept
