@@ -345,6 +345,24 @@ if triton is not None:
         return phi, big
 
     @triton.jit
+    def _key_tile(
+        k_ptr, v_ptr, pos_ptr, xi_ptr, wk_ptr, proj_ptr, bias_ptr, stab_k_ptr,
+        tok, kmask, h, a, j, e, H, D, E, R, M, scale,
+        D_P: tl.constexpr, M2_P: tl.constexpr, P: tl.constexpr, KIND: tl.constexpr,
+        LOGIT: tl.constexpr, MASK: tl.constexpr, BF: tl.constexpr,
+    ):  # fmt: skip
+        """``(phi_k, Phi_k, v)`` of a block of keys (values in float32, 0 where masked)."""
+        phi_k, big_k = _token_features(
+            k_ptr, pos_ptr, xi_ptr, wk_ptr, proj_ptr, bias_ptr, stab_k_ptr, tok, kmask,
+            h, a, j, H, D, R, M, scale, D_P, M2_P, P, KIND, LOGIT, MASK, BF,
+        )  # fmt: skip
+        v = tl.load(
+            v_ptr + (tok[:, None] * H + h) * E + e[None, :],
+            mask=kmask[:, None] & (e < E)[None, :], other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        return phi_k, big_k, v
+
+    @triton.jit
     def _row_max_kernel(
         x_ptr, pos_ptr, xi_ptr, w_ptr, proj_ptr, bias_ptr, out_ptr,
         N, H, D, R, M, scale,
@@ -400,14 +418,10 @@ if triton is not None:
             tok = start + rows
             tmask = tok < end
             kmask = tmask & (tl.load(valid_ptr + tok, mask=tmask, other=0) != 0)
-            phi_k, big_k = _token_features(
-                k_ptr, pos_ptr, xi_ptr, wk_ptr, proj_ptr, bias_ptr, stab_k_ptr, tok, kmask,
-                h, a, j, H, D, R, M, scale, D_P, M2_P, P, KIND, LOGIT, MASK, BF,
+            phi_k, big_k, v = _key_tile(
+                k_ptr, v_ptr, pos_ptr, xi_ptr, wk_ptr, proj_ptr, bias_ptr, stab_k_ptr, tok, kmask,
+                h, a, j, e, H, D, E, R, M, scale, D_P, M2_P, P, KIND, LOGIT, MASK, BF,
             )  # fmt: skip
-            v = tl.load(
-                v_ptr + (tok[:, None] * H + h) * E + e[None, :],
-                mask=kmask[:, None] & (e < E)[None, :], other=0.0,
-            ).to(tl.float32)  # fmt: skip
             state += tl.dot(tl.trans(big_k), v, input_precision="ieee")
             total += tl.sum(big_k, 0)
             kernel_total += tl.sum(phi_k, 0)
@@ -507,18 +521,14 @@ if triton is not None:
                 total = total * shrink
                 kernel_total = kernel_total * shrink
                 level = new
-            phi_k, big_k = _token_features(
-                k_ptr, pos_ptr, xi_ptr, wk_ptr, proj_ptr, bias_ptr, stab_k_ptr, tok, kmask,
-                h, a, j, H, D, R, M, scale, D_P, M2_P, P, KIND, LOGIT, MASK, BF,
+            phi_k, big_k, v = _key_tile(
+                k_ptr, v_ptr, pos_ptr, xi_ptr, wk_ptr, proj_ptr, bias_ptr, stab_k_ptr, tok, kmask,
+                h, a, j, e, H, D, E, R, M, scale, D_P, M2_P, P, KIND, LOGIT, MASK, BF,
             )  # fmt: skip
             phi_q, big_q = _token_features(
                 q_ptr, pos_ptr, xi_ptr, wq_ptr, proj_ptr, bias_ptr, stab_q_ptr, tok, kmask,
                 h, a, j, H, D, R, M, scale, D_P, M2_P, P, KIND, LOGIT, MASK, BF,
             )  # fmt: skip
-            v = tl.load(
-                v_ptr + (tok[:, None] * H + h) * E + e[None, :],
-                mask=kmask[:, None] & (e < E)[None, :], other=0.0,
-            ).to(tl.float32)  # fmt: skip
             weights = tl.dot(big_q, tl.trans(big_k), input_precision="ieee")
             weights = tl.where(lower, weights, 0.0)
             num = tl.dot(weights, v, input_precision="ieee")
