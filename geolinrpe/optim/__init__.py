@@ -1,12 +1,16 @@
 """Learned optimizers with RPE attention: the optimizer, a task suite, meta-training, baselines.
 
 ``LearnedOptimizer`` (``torch.optim`` interface) and the functional ``learned_step`` share one
-``UpdateNetwork``; ``meta_train`` fits it on ``tasks`` by truncated backprop or ES; ``evaluate``
-and ``tune_learning_rate`` compare it with tuned Adam and SGD with momentum.
+update network, ``UpdateNetwork`` (attention over a tensor's entries) or
+``TemporalUpdateNetwork`` (attention over each entry's last T features, 1D RPE over lags), both
+``LearnedUpdateRule``s that own their state and step; ``meta_train`` fits it on ``tasks`` by
+truncated backprop or ES; ``evaluate`` and ``tune_learning_rate`` compare it with tuned Adam and
+SGD with momentum.
 """
 
 from .learned import (
     LearnedOptimizer,
+    LearnedUpdateRule,
     UpdateNetwork,
     compute_updates,
     entry_positions,
@@ -14,6 +18,7 @@ from .learned import (
     learned_step,
 )
 from .meta import (
+    NETWORKS,
     EvalResult,
     MetaConfig,
     build_network,
@@ -26,20 +31,26 @@ from .meta import (
     truncation_loss,
     tune_learning_rate,
 )
-from .tasks import FAMILIES, Task, TaskSpec, make_task, split_tasks
+from .tasks import FAMILIES, Task, TaskSpec, Variant, generate_text, make_task, split_tasks
+from .temporal import TemporalUpdateNetwork
 
 __all__ = [
     "FAMILIES",
     "EvalResult",
+    "NETWORKS",
     "LearnedOptimizer",
+    "LearnedUpdateRule",
     "MetaConfig",
     "Task",
     "TaskSpec",
+    "TemporalUpdateNetwork",
     "UpdateNetwork",
+    "Variant",
     "build_network",
     "compute_updates",
     "entry_positions",
     "evaluate",
+    "generate_text",
     "init_state",
     "learned_step",
     "load_checkpoint",

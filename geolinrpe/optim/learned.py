@@ -35,6 +35,13 @@ The same computation is available as a pure function :func:`learned_step`
 ``(params, grads, state) -> (new_params, new_state)``, differentiable with respect to the
 network parameters (and, through ``grads``, second order when the caller builds the grads with
 ``create_graph=True``); :class:`LearnedOptimizer` wraps it in the ``torch.optim`` interface.
+
+Every update network derives from :class:`LearnedUpdateRule`: it owns its optimizer state
+(:meth:`~LearnedUpdateRule.tensor_state`, :meth:`~LearnedUpdateRule.init_state`) and its step
+(:meth:`~LearnedUpdateRule.updates`), so :class:`UpdateNetwork` (attention over a tensor's
+entries) and :class:`~geolinrpe.optim.temporal.TemporalUpdateNetwork` (attention over each
+entry's gradient history) are interchangeable in :func:`learned_step`, :class:`LearnedOptimizer`,
+meta-training and checkpoints.
 """
 
 from __future__ import annotations
@@ -54,6 +61,66 @@ _EPS = 1e-8
 def num_input_features(num_momenta: int) -> int:
     """Input features per entry for ``num_momenta`` momentum decays (see the module docs)."""
     return num_momenta + 5
+
+
+def step_counts(step: int | Sequence[int], num_tensors: int) -> list[int]:
+    """Step count ``t >= 1`` of each tensor *including* the coming step, from a state's
+    ``"step"`` (steps taken so far: one int for all tensors, or one per tensor)."""
+    if isinstance(step, int):
+        return [step + 1] * num_tensors
+    if len(step) != num_tensors:
+        raise ValueError(f"state has {len(step)} step counts for {num_tensors} tensors")
+    return [int(s) + 1 for s in step]
+
+
+def advance_step(step: int | Sequence[int]) -> int | list[int]:
+    """A state's ``"step"`` after one more step (an int stays an int, a list a list)."""
+    return step + 1 if isinstance(step, int) else [int(s) + 1 for s in step]
+
+
+class LearnedUpdateRule(nn.Module):
+    """Base of the update networks: a network owns its optimizer state and its step.
+
+    The functional state of ``t`` tensors is ``{"step": s, key: [t tensors] for key in
+    state_keys}``, ``s`` the steps taken so far: an int shared by all tensors (functional use,
+    :func:`learned_step`) or a list with one int per tensor (:class:`LearnedOptimizer`, where a
+    tensor without a gradient skips a step). Subclasses set ``kind`` (the name checkpoints
+    record), ``state_keys`` and ``config`` (the constructor keywords, plain data), and implement
+    :meth:`tensor_state` and :meth:`updates`.
+    """
+
+    kind: str = ""
+    state_keys: tuple[str, ...] = ()
+    config: dict
+    betas: tuple[float, ...]
+    beta2: float
+    mag_scale: float
+
+    def tensor_state(self, p: Tensor) -> dict[str, Tensor]:
+        """Zero state tensors of one parameter tensor ``p``: ``{key: tensor}``, ``state_keys``."""
+        raise NotImplementedError
+
+    def init_state(self, params: Sequence[Tensor]) -> dict:
+        """Zero functional state ``{"step": 0, key: [one tensor per param]}``."""
+        per_tensor = [self.tensor_state(p) for p in params]
+        state: dict = {"step": 0}
+        for key in self.state_keys:
+            state[key] = [s[key] for s in per_tensor]
+        return state
+
+    def updates(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: dict,
+        lrs: Sequence[float],
+    ) -> tuple[list[Tensor], dict]:
+        """``(deltas, new_state)``: the caller subtracts ``delta`` from each tensor.
+
+        Pure (nothing is modified in place) and differentiable with respect to the network's
+        parameters; ``lrs`` holds ``eta`` per tensor.
+        """
+        raise NotImplementedError
 
 
 class UpdateBlock(nn.Module):
@@ -83,7 +150,7 @@ class UpdateBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class UpdateNetwork(nn.Module):
+class UpdateNetwork(LearnedUpdateRule):
     r"""Per-entry update rule: features ``[n, f]`` -> (direction, log-scale) ``[n, 2]``.
 
     ``out = head(blocks(embed(x))) + skip(x)``: an embedding, ``num_layers`` pre-norm blocks of
@@ -105,7 +172,12 @@ class UpdateNetwork(nn.Module):
         mag_scale: ``alpha`` in ``exp(alpha s)``.
 
     Shapes: ``x [n, f]``, ``pos [n, 2]``, ``batch [n]`` (sorted tensor ids) -> ``[n, 2]``.
+
+    State per tensor (:meth:`tensor_state`): ``momenta [k, *shape]``, ``second [*shape]``.
     """
+
+    kind = "spatial"
+    state_keys = ("momenta", "second")
 
     def __init__(
         self,
@@ -171,6 +243,29 @@ class UpdateNetwork(nn.Module):
             h = block(h, pos, batch)
         return self.head(self.norm(h)) + self.skip(x)
 
+    def tensor_state(self, p: Tensor) -> dict[str, Tensor]:
+        """``{"momenta": [k, *shape], "second": [*shape]}``, zeros like ``p``."""
+        return {"momenta": p.new_zeros((len(self.betas), *p.shape)), "second": torch.zeros_like(p)}
+
+    def updates(
+        self,
+        params: Sequence[Tensor],
+        grads: Sequence[Tensor],
+        state: dict,
+        lrs: Sequence[float],
+    ) -> tuple[list[Tensor], dict]:
+        """One packed network call over all tensors (:func:`compute_updates`)."""
+        deltas, momenta, second = compute_updates(
+            self,
+            params,
+            grads,
+            state["momenta"],
+            state["second"],
+            step_counts(state["step"], len(params)),
+            lrs,
+        )
+        return deltas, {"step": advance_step(state["step"]), "momenta": momenta, "second": second}
+
 
 def entry_positions(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
     """Normalised ``(row, col)`` of every entry of a tensor of ``shape``: ``[numel, 2]`` in [0, 1].
@@ -189,21 +284,39 @@ def _rms(x: Tensor) -> Tensor:
     return x.pow(2).mean().add(_EPS * _EPS).sqrt()
 
 
-def init_state(params: Sequence[Tensor], net: UpdateNetwork) -> dict:
-    """Zero optimizer state for :func:`learned_step`.
+def init_state(params: Sequence[Tensor], net: LearnedUpdateRule) -> dict:
+    """Zero optimizer state for :func:`learned_step`: ``net.init_state(params)``.
 
-    ``{"step": int, "momenta": [k, *shape] per tensor, "second": [*shape] per tensor}``.
+    :class:`UpdateNetwork`: ``{"step": int, "momenta": [k, *shape] per tensor, "second":
+    [*shape] per tensor}``; other networks add their own keys (``net.state_keys``).
     """
-    k = len(net.betas)
-    return {
-        "step": 0,
-        "momenta": [p.new_zeros((k, *p.shape)) for p in params],
-        "second": [torch.zeros_like(p) for p in params],
-    }
+    return net.init_state(params)
+
+
+def update_moments(
+    net: LearnedUpdateRule, g: Tensor, m: Tensor, v: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``m_k <- beta_k m_k + (1 - beta_k) g`` (``m [k, *shape]``), ``v <- beta2 v + (1 - beta2)
+    g^2``; returns the new ``(m, v)``."""
+    betas = torch.tensor(net.betas, dtype=g.dtype, device=g.device)
+    b = betas.view(-1, *([1] * g.dim()))  # [k, 1, ...]
+    return b * m + (1 - b) * g, net.beta2 * v + (1 - net.beta2) * g * g
+
+
+def output_deltas(
+    net: LearnedUpdateRule, out: Tensor, params: Sequence[Tensor], lrs: Sequence[float]
+) -> list[Tensor]:
+    """``delta = lr d exp(alpha s)`` per tensor from the packed network output ``out [n, 2]``."""
+    direction, log_scale = out.unbind(-1)
+    scale = direction * torch.exp(net.mag_scale * log_scale.clamp(max=30.0))
+    return [
+        lr * chunk.reshape(w.shape)
+        for lr, chunk, w in zip(lrs, scale.split([w.numel() for w in params]), params, strict=True)
+    ]
 
 
 def _tensor_features(
-    w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, net: UpdateNetwork
+    w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, net: LearnedUpdateRule
 ) -> Tensor:
     """Features ``[numel, f]`` of one tensor from its value, grad and updated moments."""
     flat_m = m.reshape(m.shape[0], -1)
@@ -239,31 +352,22 @@ def compute_updates(
     Returns: ``(deltas, new_momenta, new_second)``, one entry per tensor (the caller subtracts
     ``delta``). All tensors go through one packed :class:`UpdateNetwork` call.
     """
-    betas = torch.tensor(net.betas, dtype=params[0].dtype, device=params[0].device)
     new_m, new_v, feats, pos, batch = [], [], [], [], []
     for idx, (w, g, m, v, step) in enumerate(
         zip(params, grads, momenta, second, steps, strict=True)
     ):
-        b = betas.view(-1, *([1] * g.dim()))  # [k, 1, ...]
-        m = b * m + (1 - b) * g
-        v = net.beta2 * v + (1 - net.beta2) * g * g
+        m, v = update_moments(net, g, m, v)
         new_m.append(m)
         new_v.append(v)
         feats.append(_tensor_features(w, g, m, v, step, net))
         pos.append(entry_positions(w.shape, w.dtype, w.device))
         batch.append(torch.full((w.numel(),), idx, dtype=torch.long, device=w.device))
     out = net(torch.cat(feats), torch.cat(pos), torch.cat(batch))  # [n, 2]
-    direction, log_scale = out.unbind(-1)
-    scale = direction * torch.exp(net.mag_scale * log_scale.clamp(max=30.0))
-    deltas = [
-        lr * chunk.reshape(w.shape)
-        for lr, chunk, w in zip(lrs, scale.split([w.numel() for w in params]), params, strict=True)
-    ]
-    return deltas, new_m, new_v
+    return output_deltas(net, out, params, lrs), new_m, new_v
 
 
 def learned_step(
-    net: UpdateNetwork,
+    net: LearnedUpdateRule,
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
     state: dict,
@@ -273,24 +377,17 @@ def learned_step(
 
     Nothing is modified in place; the outputs are differentiable with respect to ``net``'s
     parameters (and to ``params`` / ``grads``), so unrolled inner training can be
-    back-propagated for meta-training. ``state`` comes from :func:`init_state`.
+    back-propagated for meta-training. ``state`` comes from :func:`init_state`; any
+    :class:`LearnedUpdateRule` (``net.updates``) works.
     """
-    step = state["step"] + 1
-    deltas, momenta, second = compute_updates(
-        net,
-        params,
-        grads,
-        state["momenta"],
-        state["second"],
-        [step] * len(params),
-        [lr] * len(params),
-    )
+    deltas, new_state = net.updates(params, grads, state, [lr] * len(params))
     new_params = [w - d for w, d in zip(params, deltas, strict=True)]
-    return new_params, {"step": step, "momenta": momenta, "second": second}
+    return new_params, new_state
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
-    """``torch.optim.Optimizer`` driven by an :class:`UpdateNetwork`.
+    """``torch.optim.Optimizer`` driven by an update network (any :class:`LearnedUpdateRule`:
+    :class:`UpdateNetwork`, :class:`~geolinrpe.optim.temporal.TemporalUpdateNetwork`).
 
     Args:
         params: parameters or parameter groups (each group may set its own ``lr``).
@@ -298,14 +395,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
             ``no_grad``).
         lr: ``eta`` (``lr_base``), default 1e-3.
 
-    Per-parameter state: ``step`` (int), ``momenta [k, *shape]``, ``second [*shape]``; it
+    Per-parameter state: ``step`` (int) and the network's ``net.state_keys``
+    (:class:`UpdateNetwork`: ``momenta [k, *shape]``, ``second [*shape]``; the temporal network
+    adds ``history [T, numel, f_h]``), stored in ``self.state`` in the parameter's dtype; it
     round-trips through ``state_dict`` / ``load_state_dict`` (the network is not part of it:
     save ``net.state_dict()`` alongside). Parameters whose ``grad`` is ``None`` are skipped
     (untouched, no state). All parameters with gradients, from every group, go through one
-    packed network call per step.
+    ``net.updates`` call per step.
     """
 
-    def __init__(self, params: Iterable, net: UpdateNetwork, lr: float = 1e-3) -> None:
+    def __init__(self, params: Iterable, net: LearnedUpdateRule, lr: float = 1e-3) -> None:
         if not lr >= 0:
             raise ValueError(f"lr must be non-negative, got {lr}")
         super().__init__(params, dict(lr=lr))
@@ -318,6 +417,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        keys = self.net.state_keys
         items, lrs = [], []
         for group in self.param_groups:
             for p in group["params"]:
@@ -328,26 +428,31 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["momenta"] = p.new_zeros((len(self.net.betas), *p.shape))
-                    state["second"] = torch.zeros_like(p)
-                state["step"] += 1
+                    state.update(self.net.tensor_state(p))
+                missing = [key for key in keys if key not in state]
+                if missing:
+                    raise ValueError(
+                        f"optimizer state lacks {missing}: was it saved with another network "
+                        f"than this {type(self.net).__name__}?"
+                    )
                 items.append(p)
                 lrs.append(group["lr"])
         if not items:
             return loss
         net_dtype = next(self.net.parameters()).dtype
-        cast = [p.detach().to(net_dtype) for p in items]
-        deltas, momenta, second = compute_updates(
-            self.net,
-            cast,
+        packed: dict = {"step": [self.state[p]["step"] for p in items]}
+        for key in keys:
+            packed[key] = [self.state[p][key].to(net_dtype) for p in items]
+        deltas, new_state = self.net.updates(
+            [p.detach().to(net_dtype) for p in items],
             [p.grad.to(net_dtype) for p in items],
-            [self.state[p]["momenta"].to(net_dtype) for p in items],
-            [self.state[p]["second"].to(net_dtype) for p in items],
-            [self.state[p]["step"] for p in items],
+            packed,
             lrs,
         )
-        for p, d, m, v in zip(items, deltas, momenta, second, strict=True):
+        for i, (p, d) in enumerate(zip(items, deltas, strict=True)):
             p.sub_(d.to(p.dtype))
-            self.state[p]["momenta"] = m.to(p.dtype)
-            self.state[p]["second"] = v.to(p.dtype)
+            state = self.state[p]
+            state["step"] = new_state["step"][i]
+            for key in keys:
+                state[key] = new_state[key][i].to(p.dtype)
         return loss

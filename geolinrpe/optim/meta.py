@@ -1,4 +1,5 @@
-r"""Meta-training of :class:`~geolinrpe.optim.learned.UpdateNetwork` and the evaluation harness.
+r"""Meta-training of learned update rules (:class:`~geolinrpe.optim.learned.UpdateNetwork`,
+:class:`~geolinrpe.optim.temporal.TemporalUpdateNetwork`) and the evaluation harness.
 
 Truncated backpropagation through time (TBPTT, Metz et al. 2019,
 https://arxiv.org/abs/1810.10180): each of ``meta_batch`` workers trains one task from the
@@ -35,10 +36,22 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .learned import LearnedOptimizer, UpdateNetwork, init_state, learned_step
+from .learned import (
+    LearnedOptimizer,
+    LearnedUpdateRule,
+    UpdateNetwork,
+    init_state,
+    learned_step,
+)
 from .tasks import FAMILIES, Task, TaskSpec, split_tasks
+from .temporal import TemporalUpdateNetwork
 
 OPTIMIZERS = ("learned", "adam", "sgdm")
+#: update networks by ``MetaConfig.network`` (and the ``"network"`` key of checkpoints)
+NETWORKS: dict[str, type[LearnedUpdateRule]] = {
+    "spatial": UpdateNetwork,
+    "temporal": TemporalUpdateNetwork,
+}
 
 
 @dataclass
@@ -50,6 +63,9 @@ class MetaConfig:
 
     families: tuple[str, ...] = ("quadratic", "rosenbrock", "mlp", "molecule")
     rpe: str | None = "flt-kernel"
+    network: str = "spatial"  # "spatial" (UpdateNetwork) or "temporal" (TemporalUpdateNetwork)
+    history: int = 8  # temporal network: T, feature vectors kept per entry
+    spatial_layers: int = 0  # temporal network: entry-attention blocks after the summary
     width: int = 16
     num_heads: int = 2
     num_layers: int = 1
@@ -72,6 +88,10 @@ class MetaConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        if self.network not in NETWORKS:
+            raise ValueError(f"network must be one of {tuple(NETWORKS)}, got {self.network!r}")
+        if self.history < 1 or self.spatial_layers < 0:
+            raise ValueError("need history >= 1 and spatial_layers >= 0")
         if self.method not in ("tbptt", "es"):
             raise ValueError(f"method must be 'tbptt' or 'es', got {self.method!r}")
         if self.truncation <= 0 or self.unroll < self.truncation:
@@ -90,15 +110,28 @@ class MetaConfig:
         return getattr(torch, self.dtype)
 
 
-def build_network(cfg: MetaConfig) -> UpdateNetwork:
-    """The :class:`UpdateNetwork` that ``cfg`` describes (seeded by ``cfg.seed``)."""
+def build_network(cfg: MetaConfig) -> LearnedUpdateRule:
+    """The network that ``cfg`` describes (seeded by ``cfg.seed``): ``network="spatial"``, an
+    :class:`UpdateNetwork`; ``"temporal"``, a :class:`TemporalUpdateNetwork` with ``history``
+    and ``spatial_layers`` (``rpe`` names both its 1D temporal and its 2D spatial RPE)."""
     torch.manual_seed(cfg.seed)
-    net = UpdateNetwork(cfg.width, cfg.num_heads, cfg.num_layers, rpe=cfg.rpe)
+    if cfg.network == "temporal":
+        net = TemporalUpdateNetwork(
+            cfg.history,
+            cfg.width,
+            cfg.num_heads,
+            cfg.num_layers,
+            rpe=cfg.rpe,
+            spatial_layers=cfg.spatial_layers,
+            spatial_rpe=cfg.rpe,
+        )
+    else:
+        net = UpdateNetwork(cfg.width, cfg.num_heads, cfg.num_layers, rpe=cfg.rpe)
     return net.to(cfg.torch_dtype)
 
 
 def truncation_loss(
-    net: UpdateNetwork,
+    net: LearnedUpdateRule,
     task: Task,
     params: Sequence[Tensor],
     state: dict,
@@ -126,10 +159,9 @@ def truncation_loss(
 
 
 def _detach_state(state: dict) -> dict:
+    """``state`` with every tensor list (any network's ``state_keys``) detached."""
     return {
-        "step": state["step"],
-        "momenta": [m.detach() for m in state["momenta"]],
-        "second": [v.detach() for v in state["second"]],
+        key: value if key == "step" else [x.detach() for x in value] for key, value in state.items()
     }
 
 
@@ -159,7 +191,7 @@ class _Worker:
 
 
 def _es_gradient(
-    net: UpdateNetwork, worker: _Worker, cfg: MetaConfig, gen: torch.Generator
+    net: LearnedUpdateRule, worker: _Worker, cfg: MetaConfig, gen: torch.Generator
 ) -> tuple[Tensor, float, list[Tensor], dict]:
     """Antithetic ES estimate of the truncated meta-gradient, flat like ``parameters_to_vector``."""
     theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
@@ -198,8 +230,8 @@ def meta_train(
     cfg: MetaConfig,
     out: str | Path | None = None,
     log: Callable[[str], None] | None = print,
-    net: UpdateNetwork | None = None,
-) -> tuple[UpdateNetwork, dict]:
+    net: LearnedUpdateRule | None = None,
+) -> tuple[LearnedUpdateRule, dict]:
     """Meta-train an :class:`UpdateNetwork`; return it and the history.
 
     History: ``meta_loss`` (per meta-step, mean over the meta-batch of the normalised truncation
@@ -286,9 +318,10 @@ def meta_train(
 
 
 def save_checkpoint(
-    path: str | Path, net: UpdateNetwork, meta_opt, cfg: MetaConfig, history: dict
+    path: str | Path, net: LearnedUpdateRule, meta_opt, cfg: MetaConfig, history: dict
 ) -> None:
-    """Save ``{"net", "net_config", "meta_optimizer", "config", "history"}`` as plain data
+    """Save ``{"net", "network", "net_config", "meta_optimizer", "config", "history"}``
+    (``network``: the network's kind, a key of :data:`NETWORKS`) as plain data
     (tensors, dicts, lists, str, numbers: loadable with ``weights_only=True``), with a
     SHA-256 of the contents, atomically (:func:`geolinrpe.train.checkpoint.save_checkpoint`)."""
     from ..train.checkpoint import save_checkpoint as write
@@ -296,6 +329,7 @@ def save_checkpoint(
     write(
         {
             "net": net.state_dict(),
+            "network": getattr(net, "kind", "spatial"),
             "net_config": _plain(net.config),
             "meta_optimizer": None if meta_opt is None else meta_opt.state_dict(),
             "config": _plain(asdict(cfg)),
@@ -319,7 +353,7 @@ def _plain(value):
 _CHECKPOINT_KEYS = ("net", "net_config", "config")
 
 
-def load_checkpoint(path: str | Path) -> tuple[UpdateNetwork, MetaConfig, dict]:
+def load_checkpoint(path: str | Path) -> tuple[LearnedUpdateRule, MetaConfig, dict]:
     """Rebuild ``(net, cfg, checkpoint)`` from :func:`save_checkpoint`'s file.
 
     Reads with ``torch.load(weights_only=True)`` only and verifies the file
@@ -340,7 +374,10 @@ def load_checkpoint(path: str | Path) -> tuple[UpdateNetwork, MetaConfig, dict]:
         net_config = dict(ckpt["net_config"])
         if "betas" in net_config:
             net_config["betas"] = tuple(net_config["betas"])
-        net = UpdateNetwork(**net_config).to(cfg.torch_dtype)
+        network = ckpt.get("network", "spatial")  # checkpoints before the temporal network
+        if network not in NETWORKS:
+            raise ValueError(f"unknown network {network!r}")
+        net = NETWORKS[network](**net_config).to(cfg.torch_dtype)
         net.load_state_dict(ckpt["net"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise CheckpointError(
@@ -357,7 +394,7 @@ def train_curve(
     lr: float,
     steps: int,
     seed: int = 0,
-    net: UpdateNetwork | None = None,
+    net: LearnedUpdateRule | None = None,
 ) -> list[float]:
     """Train ``task`` from its seeded init with an optimizer; training loss at each step.
 
@@ -397,7 +434,7 @@ def final_score(curve: Sequence[float], window: int = 5) -> float:
     return min(value, 10.0) if math.isfinite(value) else 10.0
 
 
-def validation_score(net: UpdateNetwork, specs: Sequence[TaskSpec], cfg: MetaConfig) -> float:
+def validation_score(net: LearnedUpdateRule, specs: Sequence[TaskSpec], cfg: MetaConfig) -> float:
     """Mean :func:`final_score` of the learned optimizer over ``specs`` (``cfg.valid_steps``)."""
     scores = [
         final_score(

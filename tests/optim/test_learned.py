@@ -149,3 +149,32 @@ def test_rpe_changes_the_update() -> None:
         net, [w.T.contiguous()], [g.T.contiguous()], init_state([w.T], net), 0.1
     )
     assert not torch.allclose(new[0], new_t[0].T, atol=1e-6)
+
+
+def test_zero_head_is_exactly_adam_and_net_owns_its_state() -> None:
+    """With its head zeroed the network is its skip, the Adam direction: Adam's updates; the
+    functional wrappers are the network's own ``init_state`` / ``updates``."""
+    net = UpdateNetwork(width=8).double()
+    torch.nn.init.zeros_(net.head.weight)
+    m1, m2 = _model().double(), _model().double()
+    o1 = LearnedOptimizer(m1.parameters(), net, lr=0.02)
+    o2 = torch.optim.Adam(m2.parameters(), lr=0.02)
+    x = torch.linspace(-1, 1, 35, dtype=torch.float64).view(7, 5)
+    for _ in range(4):
+        for model, opt in ((m1, o1), (m2, o2)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+        for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    params = [p.detach() for p in m1.parameters()]
+    state = init_state(params, net)
+    assert state.keys() == net.init_state(params).keys() == {"step", "momenta", "second"}
+    grads = [torch.ones_like(p) for p in params]
+    deltas, new_state = net.updates(params, grads, state, [0.02] * len(params))
+    new, functional = learned_step(net, params, grads, state, lr=0.02)
+    for w, d, n in zip(params, deltas, new, strict=True):
+        assert torch.equal(w - d, n)
+    assert new_state["step"] == functional["step"] == 1
+    _, per_tensor = net.updates(params, grads, dict(state, step=[0, 3, 1, 2]), [0.02] * 4)
+    assert per_tensor["step"] == [1, 4, 2, 3]
