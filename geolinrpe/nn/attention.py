@@ -108,10 +108,10 @@ class RPEAttention(nn.Module):
             zeroed again).
         engine: ``"auto"`` (default), ``"torch"`` or ``"triton"``: the O(n) engine
             (:func:`~geolinrpe.ops.linear_attention`; ``"auto"`` takes the fused Triton
-            kernels of :mod:`geolinrpe.ops.fused` for CUDA tensors when they support the
-            configuration, the chunked torch engine otherwise). ``"triton"`` also turns the
-            ``quadratic_below`` path off. RPEs with an algorithm of their own (FFT Toeplitz)
-            ignore it.
+            kernels of :mod:`geolinrpe.ops.fused` for CUDA tensors without gradients when
+            they support the configuration, the chunked torch engine otherwise).
+            ``"triton"`` also turns the ``quadratic_below`` path off. RPEs with an algorithm
+            of their own (FFT Toeplitz) ignore it.
         recompute: the torch engine keeps only each chunk's inputs for the backward pass and
             rebuilds the rest there (:func:`~geolinrpe.ops.linear_attention`): much less
             training memory at large n, about 1.9x the time. Default ``False``.

@@ -97,10 +97,11 @@ def linear_attention(
         chunk_size: tokens per chunk (default: from a 32 MiB buffer budget; 64 if causal).
         check_finite: reject NaN/inf in q, k, v, pos.
         engine: ``"auto"`` (default: the fused Triton kernels of :mod:`geolinrpe.ops.fused`
-            on CUDA tensors when Triton is installed and they support the featurizer, this
-            chunked torch engine otherwise), ``"torch"`` or ``"triton"`` (force; an error
-            names what is missing). The torch engine is the reference the kernels are
-            tested against.
+            for CUDA tensors when Triton is installed, they support the featurizer and no
+            gradient is being recorded; this chunked torch engine otherwise), ``"torch"`` or
+            ``"triton"`` (force; an error names what is missing). The kernels' backward
+            recomputes through this engine, so ``"auto"`` keeps training on it. The torch
+            engine is the reference the kernels are tested against.
         recompute: keep only each chunk's inputs for the backward pass and rebuild its
             features and buffers there (torch engine, while gradients are recorded): the
             tensors kept for the backward pass shrink from O(n r m e / chunk) per chunk to
@@ -122,7 +123,7 @@ def linear_attention(
     out_dtype = v.dtype
     if q.shape[:-2].numel() == 0:  # no tokens (b = 0 or n = 0): nothing attends
         return v.new_zeros(v.shape)
-    if engine == "triton" or (engine == "auto" and _fused_applies(q, featurizer)):
+    if engine == "triton" or (engine == "auto" and _fused_applies(q, k, v, featurizer)):
         from .fused import fused_attention
 
         layout = dict(key_padding_mask=key_padding_mask, batch=batch, causal=causal)
@@ -152,9 +153,13 @@ def linear_attention(
     return out.to(out_dtype)
 
 
-def _fused_applies(q: Tensor, featurizer: Featurizer) -> bool:
-    """``engine="auto"``: CUDA tensors, Triton installed, a featurizer the kernels support."""
+def _fused_applies(q: Tensor, k: Tensor, v: Tensor, featurizer: Featurizer) -> bool:
+    """``engine="auto"``: CUDA tensors, Triton installed, a featurizer the kernels support, and
+    no gradient to record (the kernels' backward recomputes through this engine, so training
+    gains nothing from their forward)."""
     if not q.is_cuda:
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     from . import fused
 
