@@ -4,10 +4,19 @@
 update network, ``UpdateNetwork`` (attention over a tensor's entries) or
 ``TemporalUpdateNetwork`` (attention over each entry's last T features, 1D RPE over lags), both
 ``LearnedUpdateRule``s that own their state and step; ``meta_train`` fits it on ``tasks`` by
-truncated backprop or ES; ``evaluate`` and ``tune_learning_rate`` compare it with tuned Adam and
-SGD with momentum.
+truncated backprop, ES or PES (with a horizon curriculum, meta-gradient clipping and exact
+resume); ``evaluate`` and ``tune_learning_rate`` compare it with tuned Adam and SGD with
+momentum.
 """
 
+from .baselines import (
+    BASELINES,
+    Evaluation,
+    evaluate_optimizers,
+    run_curve,
+    summarize,
+    tune_learning_rates,
+)
 from .learned import (
     LearnedOptimizer,
     LearnedUpdateRule,
@@ -18,6 +27,7 @@ from .learned import (
     learned_step,
 )
 from .meta import (
+    METHODS,
     NETWORKS,
     EvalResult,
     MetaConfig,
@@ -35,8 +45,15 @@ from .tasks import FAMILIES, Task, TaskSpec, Variant, generate_text, make_task, 
 from .temporal import TemporalUpdateNetwork
 
 __all__ = [
+    "BASELINES",
+    "Evaluation",
+    "evaluate_optimizers",
+    "run_curve",
+    "summarize",
+    "tune_learning_rates",
     "FAMILIES",
     "EvalResult",
+    "METHODS",
     "NETWORKS",
     "LearnedOptimizer",
     "LearnedUpdateRule",

@@ -1,6 +1,11 @@
 """``geolinrpe lopt meta-train | evaluate``: meta-train a learned optimizer, compare it with
 tuned Adam and SGD with momentum on held-out tasks, and plot loss against step.
 
+``geolinrpe lopt meta-train --config examples/configs/lopt/meta_train.yaml [key=value ...]``
+reads a YAML file of :class:`~geolinrpe.optim.meta.MetaConfig` fields (``yaml.safe_load``; an
+unknown key is an error naming it); the ``--field`` flags still work and override the file, and
+``key=value`` overrides (YAML values) override both. ``--resume checkpoint.pt`` continues a run.
+
 ``main(argv)`` parses the arguments and calls :func:`run_meta_train` or :func:`run_evaluate`.
 Defaults assume a 2-core CPU; measured with ``benchmarks/lopt.py --quick`` (60 meta-steps: 7 to 17 s
 per network; tuning and 8 held-out tasks x 100 steps: about 10 s); the defaults are larger.
@@ -36,30 +41,70 @@ DESCRIPTION = (
 
 
 def _add_meta_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per MetaConfig field; an absent flag leaves the attribute unset (so that the
+    config file's value, or the default, stands)."""
     defaults = MetaConfig()
     for f in fields(MetaConfig):
         value = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
+        extra = {"default": argparse.SUPPRESS, "help": f"default: {value}"}
         if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif isinstance(value, tuple):
-            parser.add_argument(flag, nargs="+", default=list(value), choices=FAMILIES)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
+        elif f.name == "families":
+            parser.add_argument(flag, nargs="+", choices=FAMILIES, **extra)
+        elif f.name == "unroll_schedule":
+            parser.add_argument(flag, nargs="+", type=int, metavar="T", **extra)
         elif f.name == "rpe":
-            parser.add_argument(flag, default=value, help="RPE name or 'none'")
+            parser.add_argument(flag, **{**extra, "help": f"RPE name or 'none' (default: {value})"})
+        elif f.name == "clip_norm":
+            parser.add_argument(flag, type=float, **extra)
         else:
-            parser.add_argument(flag, type=type(value), default=value)
+            parser.add_argument(flag, type=type(value), **extra)
+
+
+def load_config(
+    path: str | Path | None = None, overrides: Sequence[str] = (), values: dict | None = None
+) -> MetaConfig:
+    """A :class:`MetaConfig` from a YAML file of its fields (read with ``yaml.safe_load``;
+    ``None``: the defaults), then ``values`` (e.g. command-line flags), then ``key=value``
+    overrides (values parsed as YAML: ``families=[quadratic,mlp]``, ``unroll_schedule=[10,50]``).
+
+    Raises:
+        ValueError: the file is missing or not a YAML mapping, an override is malformed, or a
+            key is unknown or its value of the wrong type (the message names the key).
+    """
+    import yaml
+
+    from ..train.config import parse_override
+
+    merged: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file {str(path)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid YAML ({err})") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(f"config file {str(path)!r} is not a mapping of MetaConfig keys")
+        merged.update(loaded or {})
+    merged.update(values or {})
+    for override in overrides:
+        key, value = parse_override(override)
+        merged[key] = value
+    return MetaConfig.from_dict(merged)
 
 
 def _config(args: argparse.Namespace) -> MetaConfig:
-    values = {f.name: getattr(args, f.name) for f in fields(MetaConfig)}
-    values["rpe"] = None if str(values["rpe"]).lower() == "none" else values["rpe"]
-    values["families"] = tuple(values["families"])
-    return MetaConfig(**values)
+    flags = {f.name: getattr(args, f.name) for f in fields(MetaConfig) if hasattr(args, f.name)}
+    return load_config(getattr(args, "config", None), getattr(args, "overrides", ()), flags)
 
 
-def run_meta_train(cfg: MetaConfig, out: Path) -> None:
-    """Meta-train and write ``out/checkpoint.pt``, ``out/best.pt``, ``out/history.json``."""
-    _, history = meta_train(cfg, out=out)
+def run_meta_train(cfg: MetaConfig, out: Path, resume: Path | None = None) -> None:
+    """Meta-train (continuing ``resume``, a checkpoint, if given) and write
+    ``out/checkpoint.pt``, ``out/best.pt``, ``out/history.json``."""
+    _, history = meta_train(cfg, out=out, resume=resume)
     (out / "history.json").write_text(json.dumps(history))
     print(f"wrote {out / 'checkpoint.pt'} ({history['seconds']:.0f} s)")
 
@@ -107,6 +152,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("meta-train", help="meta-train an UpdateNetwork")
     train.add_argument("--out", type=Path, default=Path("runs/lopt"))
+    train.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="YAML file of MetaConfig fields (e.g. examples/configs/lopt/meta_train.yaml); "
+        "flags and key=value overrides take precedence, in that order",
+    )
+    train.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue")
+    train.add_argument("overrides", nargs="*", help="key=value MetaConfig overrides")
     _add_meta_args(train)
     ev = sub.add_parser("evaluate", help="compare checkpoints with tuned Adam / SGD+momentum")
     ev.add_argument("checkpoints", type=Path, nargs="*", help="checkpoint.pt files")
@@ -117,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--families", nargs="+", choices=FAMILIES, default=None)
     args = parser.parse_args(argv)
     if args.command == "meta-train":
-        run_meta_train(_config(args), args.out)
+        run_meta_train(_config(args), args.out, args.resume)
     else:
         run_evaluate(
             args.checkpoints, args.out, args.num_tasks, args.steps, args.tune_steps, args.families

@@ -20,6 +20,39 @@ Inner parameters and state are detached between truncations.
 ``g = 1 / (2 sigma P) sum_p [L(theta + sigma eps_p) - L(theta - sigma eps_p)] eps_p`` with the
 same minibatches for both signs (common random numbers), no backpropagation.
 
+``method="pes"``: persistent evolution strategies (Vicol, Metz and Sohl-Dickstein, ICML 2021,
+"Unbiased Gradient Estimation in Unrolled Computation Graphs with Persistent Evolution
+Strategies", https://arxiv.org/abs/2112.13835). Each worker keeps ``num_particles`` antithetic
+pairs of inner trajectories; pair ``i`` holds its own two inner states (trained with
+``theta + eps`` and ``theta - eps``) and the sum ``xi_i`` of the perturbations it has seen since
+its inner task (re)started. A truncation draws fresh ``eps_i ~ N(0, sigma^2 I)`` per pair,
+accumulates ``xi_i <- xi_i + eps_i``, runs both members ``K`` steps on the same minibatches and
+estimates
+
+.. math::  \hat g = \frac{1}{P} \sum_{i=1}^{P} \frac{L_i^+ - L_i^-}{2 \sigma^2}\, \xi_i ,
+
+an unbiased estimate of the gradient of the (Gaussian-smoothed) truncation loss with respect to
+``theta`` *through the whole unroll so far* (the summed estimates over an unroll are unbiased
+for the full-unroll meta-gradient, unlike truncated ES or TBPTT). ``xi_i`` and both states are
+reset when the worker's inner task restarts. The logged meta-loss is ``mean (L^+ + L^-) / 2``.
+
+Curriculum (``unroll_schedule = (T_start, T_end[, ramp])``): the inner horizon ``T`` at meta-step
+``s`` (1-based) is ``round(T_start + (T_end - T_start) min(1, (s - 1) / max(ramp - 1, 1)))``,
+``ramp`` defaulting to ``meta_steps``; a worker restarts its task once it has run ``T`` times
+the task's ``horizon_multiplier`` inner steps (checked after each truncation of ``K`` steps).
+
+Meta-gradient clipping: every method's meta-gradient (TBPTT's backprop, ES's and PES's
+estimates) is clipped to global norm ``clip_norm`` (falling back to the older ``clip``; ``<= 0``
+disables) before the Adam meta-step; ``history["grad_norm"]`` holds the norm before clipping.
+
+Checkpoint and resume: with ``out``, ``checkpoint.pt`` is written every ``checkpoint_every``
+meta-steps (``0``: at validations only), at every validation and at the end. It holds the
+network, the Adam state, the config, the history, the meta-step, the best validation score,
+the meta RNG and torch's global RNG state and every worker (its RNG, task index, inner
+parameters and state, normaliser, steps and the PES particles with their ``xi``), so
+``meta_train(cfg, resume=path)`` continues exactly where the run stopped (TBPTT, ES and PES
+alike; tested bit-exact for TBPTT and PES).
+
 Baselines (:func:`tune_learning_rate`, :func:`evaluate`): Adam and SGD with momentum 0.9, the
 learning rate chosen per task family on a log grid by the mean normalised final training loss on
 meta-validation tasks; the learned optimizer with and without RPE are evaluated in the same loop.
@@ -30,7 +63,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -47,6 +80,8 @@ from .tasks import FAMILIES, Task, TaskSpec, split_tasks
 from .temporal import TemporalUpdateNetwork
 
 OPTIMIZERS = ("learned", "adam", "sgdm")
+#: meta-training methods (``MetaConfig.method``)
+METHODS = ("tbptt", "es", "pes")
 #: update networks by ``MetaConfig.network`` (and the ``"network"`` key of checkpoints)
 NETWORKS: dict[str, type[LearnedUpdateRule]] = {
     "spatial": UpdateNetwork,
@@ -75,11 +110,16 @@ class MetaConfig:
     meta_steps: int = 200
     meta_batch: int = 2
     meta_lr: float = 3e-3
-    clip: float = 1.0
+    clip: float = 1.0  # older name of clip_norm (used when clip_norm is None)
+    clip_norm: float | None = None  # global-norm clip of the meta-gradient; <= 0 disables
     second_order: bool = False
-    method: str = "tbptt"  # or "es"
+    method: str = "tbptt"  # "tbptt", "es" or "pes" (module docstring)
     es_sigma: float = 0.01
     es_pairs: int = 4
+    num_particles: int = 4  # pes: antithetic pairs per worker (2 inner trajectories each)
+    sigma: float = 0.01  # pes: std of the per-truncation perturbation eps
+    unroll_schedule: tuple[int, ...] | None = None  # (T_start, T_end[, ramp]): curriculum
+    checkpoint_every: int = 0  # with out: also checkpoint every this many meta-steps
     num_train_tasks: int = 64
     num_valid_tasks: int = 8
     valid_every: int = 50
@@ -92,10 +132,26 @@ class MetaConfig:
             raise ValueError(f"network must be one of {tuple(NETWORKS)}, got {self.network!r}")
         if self.history < 1 or self.spatial_layers < 0:
             raise ValueError("need history >= 1 and spatial_layers >= 0")
-        if self.method not in ("tbptt", "es"):
-            raise ValueError(f"method must be 'tbptt' or 'es', got {self.method!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.truncation <= 0 or self.unroll < self.truncation:
             raise ValueError("need 0 < truncation <= unroll")
+        if self.num_particles < 1 or not self.sigma > 0:
+            raise ValueError("need num_particles >= 1 and sigma > 0")
+        if self.checkpoint_every < 0:
+            raise ValueError("need checkpoint_every >= 0")
+        if self.unroll_schedule is not None:
+            schedule = tuple(int(x) for x in self.unroll_schedule)
+            if len(schedule) not in (2, 3) or any(
+                x != y for x, y in zip(schedule, self.unroll_schedule, strict=True)
+            ):
+                raise ValueError(
+                    f"unroll_schedule must be (T_start, T_end) or (T_start, T_end, ramp) ints, "
+                    f"got {self.unroll_schedule!r}"
+                )
+            if min(schedule[:2]) < self.truncation or (len(schedule) == 3 and schedule[2] < 1):
+                raise ValueError("unroll_schedule needs T_start, T_end >= truncation, ramp >= 1")
+            self.unroll_schedule = schedule
         for family in self.families:
             if family not in FAMILIES:
                 raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
@@ -108,6 +164,70 @@ class MetaConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+    @property
+    def max_grad_norm(self) -> float:
+        """The meta-gradient clip in use: ``clip_norm``, else ``clip`` (``inf``: no clipping)."""
+        value = self.clip if self.clip_norm is None else self.clip_norm
+        return float(value) if value > 0 else math.inf
+
+    def unroll_at(self, meta_step: int) -> int:
+        """The inner horizon ``T`` at ``meta_step`` (1-based): ``unroll``, or the linear ramp of
+        ``unroll_schedule`` (module docstring)."""
+        if self.unroll_schedule is None:
+            return self.unroll
+        start, end = self.unroll_schedule[:2]
+        ramp = self.unroll_schedule[2] if len(self.unroll_schedule) == 3 else self.meta_steps
+        frac = min(1.0, max(0, meta_step - 1) / max(ramp - 1, 1))
+        return int(round(start + (end - start) * frac))
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MetaConfig:
+        """A config from plain values (YAML, overrides, checkpoints), converted to the fields'
+        types (``1e-3`` written as a string by YAML 1.1 becomes a float, lists become tuples).
+
+        Raises:
+            ValueError: an unknown key (named) or a value of the wrong type.
+        """
+        known = {f.name: f for f in fields(cls)}
+        kwargs = {}
+        for key, value in values.items():
+            if key not in known:
+                raise ValueError(f"unknown MetaConfig key {key!r}; known keys: {sorted(known)}")
+            kwargs[key] = _coerce(key, value, getattr(cls, key, None))
+        return cls(**kwargs)
+
+
+def _coerce(key: str, value, default):
+    """``value`` of MetaConfig field ``key`` (default ``default``) converted to its type."""
+    if value is None or (key == "rpe" and str(value).lower() in ("none", "null")):
+        if key in ("rpe", "clip_norm", "unroll_schedule"):
+            return None
+        raise ValueError(f"MetaConfig key {key!r} cannot be null")
+    if key in ("families", "unroll_schedule"):
+        value = [value] if isinstance(value, (str, int)) else value
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"MetaConfig key {key!r} needs a list, got {value!r}")
+        return tuple(value)
+    wrong = ValueError(f"MetaConfig key {key!r}: {value!r} is not a {type(default).__name__}")
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise wrong
+        return value
+    if key == "clip_norm" or isinstance(default, float):
+        if isinstance(value, bool):
+            raise wrong
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise wrong from None
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise wrong
+        return value
+    if not isinstance(value, str):
+        raise wrong
+    return value
 
 
 def build_network(cfg: MetaConfig) -> LearnedUpdateRule:
@@ -166,28 +286,66 @@ def _detach_state(state: dict) -> dict:
 
 
 class _Worker:
-    """One inner-training run of the meta-batch: a task, its parameters and optimizer state."""
+    """One inner-training run of the meta-batch: a task, its parameters and optimizer state
+    (and, for PES, ``num_particles`` antithetic pairs of states with their summed
+    perturbations ``xi``). ``unroll`` is the current horizon (set by :func:`meta_train`)."""
 
     def __init__(self, specs: Sequence[TaskSpec], seed: int, cfg: MetaConfig, net) -> None:
         self.specs, self.cfg, self.net = specs, cfg, net
+        self.unroll = cfg.unroll_at(1)
         self.gen = torch.Generator().manual_seed(seed)
         self.reset()
 
     def reset(self) -> None:
-        index = int(torch.randint(len(self.specs), (1,), generator=self.gen))
-        self.task = self.specs[index].build(self.cfg.torch_dtype)
+        self.index = int(torch.randint(len(self.specs), (1,), generator=self.gen))
+        self._build()
         self.params = self.task.init(self.gen)
         self.state = init_state(self.params, self.net)
         with torch.no_grad():
             self.norm = float(self.task.loss(self.params, self.task.sample(self.gen))) + 1e-8
         self.steps = 0
+        self.particles: list[dict] = []
+        if self.cfg.method == "pes":
+            size = sum(p.numel() for p in self.net.parameters())
+            dtype = next(self.net.parameters()).dtype
+            fresh = {"params": self.params, "state": self.state}
+            self.particles = [
+                {"xi": torch.zeros(size, dtype=dtype), "plus": fresh, "minus": fresh}
+                for _ in range(self.cfg.num_particles)
+            ]
 
-    def advance(self, params: list[Tensor], state: dict) -> None:
-        self.params = [p.detach() for p in params]
-        self.state = _detach_state(state)
+    def _build(self) -> None:
+        spec = self.specs[self.index]
+        self.task = spec.build(self.cfg.torch_dtype)
+        self.horizon_multiplier = getattr(spec, "horizon_multiplier", 1)
+
+    def advance(self, params: list[Tensor] | None, state: dict | None) -> None:
+        if params is not None:
+            self.params = [p.detach() for p in params]
+            self.state = _detach_state(state)
         self.steps += self.cfg.truncation
-        if self.steps >= self.cfg.unroll:
+        if self.steps >= self.unroll * self.horizon_multiplier:
             self.reset()
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly (plain data and tensors)."""
+        return {
+            "index": self.index,
+            "gen": self.gen.get_state(),
+            "params": self.params,
+            "state": self.state,
+            "norm": self.norm,
+            "steps": self.steps,
+            "particles": self.particles,
+        }
+
+    def load_state_dict(self, data: dict) -> None:
+        self.index = int(data["index"])
+        self._build()
+        self.gen.set_state(data["gen"])
+        self.params, self.state = list(data["params"]), dict(data["state"])
+        self.norm, self.steps = float(data["norm"]), int(data["steps"])
+        self.particles = list(data["particles"])
 
 
 def _es_gradient(
@@ -226,34 +384,154 @@ def _es_gradient(
     return grad, center, params, state
 
 
+def _pes_gradient(
+    net: LearnedUpdateRule, worker: _Worker, cfg: MetaConfig, gen: torch.Generator
+) -> tuple[Tensor, float, list[dict] | None, Tensor]:
+    """PES estimate for one truncation of ``worker`` (module docstring), flat like
+    ``parameters_to_vector``: ``(mean estimate, mean (L+ + L-) / 2, new particles, per-pair
+    estimates [P, D])``; the new particles are ``None`` when a loss is not finite."""
+    theta = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+    batch_seed = int(torch.randint(2**31, (1,), generator=gen))
+    flags = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():  # the inner loop needs gradients of params only
+        p.requires_grad_(False)
+    estimates, losses, particles = [], [], []
+    finite = True
+    try:
+        for particle in worker.particles:
+            eps = cfg.sigma * torch.randn(theta.shape, generator=gen, dtype=theta.dtype)
+            xi = particle["xi"] + eps
+            new = {"xi": xi}
+            values = []
+            for sign, key in ((1.0, "plus"), (-1.0, "minus")):
+                torch.nn.utils.vector_to_parameters(theta + sign * eps, net.parameters())
+                loss, params, state = truncation_loss(
+                    net,
+                    worker.task,
+                    particle[key]["params"],
+                    particle[key]["state"],
+                    cfg.truncation,
+                    torch.Generator().manual_seed(batch_seed),
+                    cfg.lr,
+                    worker.norm,
+                )
+                values.append(float(loss.detach()))
+                new[key] = {"params": [p.detach() for p in params], "state": _detach_state(state)}
+            finite = finite and all(math.isfinite(v) for v in values)
+            estimates.append((values[0] - values[1]) / (2 * cfg.sigma**2) * xi)
+            losses.append(sum(values) / 2)
+            particles.append(new)
+    finally:
+        torch.nn.utils.vector_to_parameters(theta, net.parameters())
+        for p, flag in zip(net.parameters(), flags, strict=True):
+            p.requires_grad_(flag)
+    stacked = torch.stack(estimates)
+    return stacked.mean(0), sum(losses) / len(losses), particles if finite else None, stacked
+
+
+def _set_flat_grad(net: LearnedUpdateRule, flat: Tensor) -> None:
+    offset = 0
+    for p in net.parameters():
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+#: config fields that may differ between a checkpoint and the run that resumes it
+RESUMABLE_CHANGES = ("meta_steps", "valid_every", "valid_steps", "checkpoint_every")
+
+
 def meta_train(
-    cfg: MetaConfig,
+    cfg: MetaConfig | None,
     out: str | Path | None = None,
     log: Callable[[str], None] | None = print,
     net: LearnedUpdateRule | None = None,
+    resume: str | Path | None = None,
 ) -> tuple[LearnedUpdateRule, dict]:
-    """Meta-train an :class:`UpdateNetwork`; return it and the history.
+    """Meta-train an update network (``cfg.method``: TBPTT, ES or PES); return it and the history.
 
     History: ``meta_loss`` (per meta-step, mean over the meta-batch of the normalised truncation
-    loss), ``valid`` (``(meta_step, mean normalised final loss)`` on meta-validation tasks).
-    With ``out``, writes ``checkpoint.pt`` (network, meta-optimizer, config, history) at every
-    validation and at the end, and ``best.pt`` for the best validation score.
+    loss), ``grad_norm`` (per meta-step, the meta-gradient's global norm before clipping; ``nan``
+    when no worker gave a finite loss), ``unroll`` (the horizon of each meta-step), ``valid``
+    (``(meta_step, mean normalised final loss)`` on meta-validation tasks), ``seconds``.
+    With ``out``, writes ``checkpoint.pt`` (see the module docstring: everything needed to
+    resume) every ``cfg.checkpoint_every`` meta-steps, at every validation and at the end, and
+    ``best.pt`` for the best validation score.
+
+    Args:
+        cfg: the configuration; ``None`` with ``resume``: the checkpoint's.
+        resume: a ``checkpoint.pt`` of an earlier run: training continues at the meta-step after
+            the saved one, exactly as if it had not stopped, up to ``cfg.meta_steps``. ``cfg``
+            may differ from the saved config only in :data:`RESUMABLE_CHANGES`.
+
+    Raises:
+        ValueError: (``CheckpointError``) ``resume`` is not a resumable checkpoint, or ``cfg``
+            differs from its config elsewhere than :data:`RESUMABLE_CHANGES` (keys named).
     """
+    ckpt = None
+    if resume is not None:
+        loaded_net, saved_cfg, ckpt = load_checkpoint(resume)
+        if "workers" not in ckpt or "meta_step" not in ckpt:
+            raise ValueError(f"checkpoint {str(resume)!r} has no meta-training state to resume")
+        if cfg is None:
+            cfg = saved_cfg
+        diff = [
+            f.name
+            for f in fields(MetaConfig)
+            if f.name not in RESUMABLE_CHANGES
+            and getattr(cfg, f.name) != getattr(saved_cfg, f.name)
+        ]
+        if diff:
+            raise ValueError(f"cannot resume {str(resume)!r}: the config differs in {diff}")
+        if net is None:
+            net = loaded_net
+        else:
+            net.load_state_dict(loaded_net.state_dict())
+    if cfg is None:
+        raise ValueError("meta_train needs cfg (or resume)")
     net = build_network(cfg) if net is None else net
     meta_opt = torch.optim.Adam(net.parameters(), lr=cfg.meta_lr)
     train_specs = split_tasks("train", cfg.families, cfg.num_train_tasks)
     valid_specs = split_tasks("valid", cfg.families, cfg.num_valid_tasks)
     gen = torch.Generator().manual_seed(cfg.seed)
     workers = [_Worker(train_specs, cfg.seed * 1000 + i, cfg, net) for i in range(cfg.meta_batch)]
-    history: dict = {"meta_loss": [], "valid": [], "seconds": 0.0}
+    history: dict = {"meta_loss": [], "grad_norm": [], "unroll": [], "valid": [], "seconds": 0.0}
     best = math.inf
-    start = time.perf_counter()
+    first = 1
+    if ckpt is not None:
+        meta_opt.load_state_dict(ckpt["meta_optimizer"])
+        gen.set_state(ckpt["rng"]["meta"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        for worker, data in zip(workers, ckpt["workers"], strict=True):
+            worker.load_state_dict(data)
+        saved = ckpt["history"]
+        history.update(
+            {key: list(saved.get(key, [])) for key in ("meta_loss", "grad_norm", "unroll")}
+        )
+        history["valid"] = [tuple(v) for v in saved.get("valid", [])]
+        history["seconds"] = float(saved.get("seconds", 0.0))
+        best = float(ckpt.get("best", math.inf))
+        first = int(ckpt["meta_step"]) + 1
+    start = time.perf_counter() - history["seconds"]
     out = None if out is None else Path(out)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-    for meta_step in range(1, cfg.meta_steps + 1):
+
+    def save(path: Path, meta_step: int) -> None:
+        history["seconds"] = time.perf_counter() - start
+        extra = {
+            "meta_step": meta_step,
+            "best": best,
+            "rng": {"meta": gen.get_state(), "torch": torch.get_rng_state()},
+            "workers": [w.state_dict() for w in workers],
+        }
+        save_checkpoint(path, net, meta_opt, cfg, history, extra)
+
+    for meta_step in range(first, cfg.meta_steps + 1):
         meta_opt.zero_grad(set_to_none=True)
         losses = []
+        unroll = cfg.unroll_at(meta_step)
+        for worker in workers:
+            worker.unroll = unroll
         if cfg.method == "tbptt":
             for worker in workers:
                 inner = torch.Generator().manual_seed(
@@ -276,7 +554,7 @@ def meta_train(
                 (loss / len(workers)).backward()
                 losses.append(float(loss.detach()))
                 worker.advance(params, state)
-        else:
+        elif cfg.method == "es":
             flat = None
             for worker in workers:
                 grad, loss, params, state = _es_gradient(net, worker, cfg, gen)
@@ -287,16 +565,29 @@ def meta_train(
                 losses.append(loss)
                 worker.advance(params, state)
             if flat is not None:
-                offset = 0
-                for p in net.parameters():
-                    p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
-                    offset += p.numel()
+                _set_flat_grad(net, flat)
+        else:  # pes
+            flat = None
+            for worker in workers:
+                grad, loss, particles, _ = _pes_gradient(net, worker, cfg, gen)
+                if particles is None:
+                    worker.reset()
+                    continue
+                flat = grad / len(workers) if flat is None else flat + grad / len(workers)
+                losses.append(loss)
+                worker.particles = particles
+                worker.advance(None, None)
+            if flat is not None:
+                _set_flat_grad(net, flat)
+        grad_norm = math.nan
         if losses:
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm))
             grads_ok = all(p.grad is None or torch.isfinite(p.grad).all() for p in net.parameters())
             if grads_ok:
                 meta_opt.step()
         history["meta_loss"].append(sum(losses) / len(losses) if losses else math.nan)
+        history["grad_norm"].append(grad_norm)
+        history["unroll"].append(unroll)
         if meta_step % cfg.valid_every == 0 or meta_step == cfg.meta_steps:
             score = validation_score(net, valid_specs, cfg)
             history["valid"].append((meta_step, score))
@@ -308,22 +599,31 @@ def meta_train(
                     f"{sum(recent) / len(recent):.4f}  valid {score:.4f}  "
                     f"({history['seconds']:.0f} s)"
                 )
-            if out is not None:
-                save_checkpoint(out / "checkpoint.pt", net, meta_opt, cfg, history)
-                if score < best:
-                    save_checkpoint(out / "best.pt", net, meta_opt, cfg, history)
+            improved = score < best
             best = min(best, score)
+            if out is not None:
+                save(out / "checkpoint.pt", meta_step)
+                if improved:
+                    save(out / "best.pt", meta_step)
+        elif out is not None and cfg.checkpoint_every and meta_step % cfg.checkpoint_every == 0:
+            save(out / "checkpoint.pt", meta_step)
     history["seconds"] = time.perf_counter() - start
     return net, history
 
 
 def save_checkpoint(
-    path: str | Path, net: LearnedUpdateRule, meta_opt, cfg: MetaConfig, history: dict
+    path: str | Path,
+    net: LearnedUpdateRule,
+    meta_opt,
+    cfg: MetaConfig,
+    history: dict,
+    extra: dict | None = None,
 ) -> None:
     """Save ``{"net", "network", "net_config", "meta_optimizer", "config", "history"}``
-    (``network``: the network's kind, a key of :data:`NETWORKS`) as plain data
-    (tensors, dicts, lists, str, numbers: loadable with ``weights_only=True``), with a
-    SHA-256 of the contents, atomically (:func:`geolinrpe.train.checkpoint.save_checkpoint`)."""
+    (``network``: the network's kind, a key of :data:`NETWORKS`) plus ``extra`` (from
+    :func:`meta_train`: ``meta_step``, ``best``, ``rng``, ``workers``, what resuming needs) as
+    plain data (tensors, dicts, lists, str, numbers: loadable with ``weights_only=True``), with
+    a SHA-256 of the contents, atomically (:func:`geolinrpe.train.checkpoint.save_checkpoint`)."""
     from ..train.checkpoint import save_checkpoint as write
 
     write(
@@ -334,6 +634,7 @@ def save_checkpoint(
             "meta_optimizer": None if meta_opt is None else meta_opt.state_dict(),
             "config": _plain(asdict(cfg)),
             "history": _plain(history),
+            **(extra or {}),
         },
         path,
     )
@@ -368,9 +669,7 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedUpdateRule, MetaConfig, di
 
     ckpt = read_checkpoint(path, _CHECKPOINT_KEYS, "learned-optimizer checkpoint")
     try:
-        config = dict(ckpt["config"])
-        config["families"] = tuple(config.get("families", MetaConfig.families))
-        cfg = MetaConfig(**config)
+        cfg = MetaConfig.from_dict(dict(ckpt["config"]))
         net_config = dict(ckpt["net_config"])
         if "betas" in net_config:
             net_config["betas"] = tuple(net_config["betas"])
