@@ -58,6 +58,7 @@ from geolinrpe.optim.baselines import (
     summarize,
     tune_learning_rates,
 )
+from geolinrpe.optim.cli import load_config
 
 FAMILIES = ("quadratic", "rosenbrock", "mlp", "conv", "charlm")
 QUICK_FAMILIES = ("quadratic", "rosenbrock", "mlp", "conv")
@@ -130,6 +131,13 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=None, help="tasks per family and split")
     parser.add_argument("--meta-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="meta-training config (YAML of MetaConfig keys, e.g. "
+        "examples/configs/lopt/meta_train.yaml); --families/--networks/--method/--meta-steps "
+        "given on the command line override it",
+    )
     args = parser.parse_args()
     families = tuple(args.families or (QUICK_FAMILIES if args.quick else FAMILIES))
     steps = args.steps or (60 if args.quick else 1000)
@@ -150,7 +158,15 @@ def main() -> None:
         if args.quick:
             values.update(meta_batch=1, unroll=steps, num_valid_tasks=len(families), valid_steps=20)
         values = {k: v for k, v in values.items() if k in {f.name for f in fields(MetaConfig)}}
-        cfg = MetaConfig(**values)
+        if args.config:  # the file's keys, then what this command line sets explicitly
+            given = {"network": network}
+            given.update({"families": families} if args.families else {})
+            given.update({"method": args.method} if args.method != "tbptt" else {})
+            if args.meta_steps:
+                given.update(meta_steps=args.meta_steps, valid_every=args.meta_steps)
+            cfg = load_config(args.config, values=given)
+        else:
+            cfg = MetaConfig(**values)
         net, history = meta_train(cfg, log=None)
         label = f"lopt_{network}"
         learned[label] = (net, cfg.lr)
@@ -161,7 +177,7 @@ def main() -> None:
         }
         valid = history["valid"][-1][1] if history.get("valid") else math.nan
         print(
-            f"{label}: meta-trained ({cfg.method}) {meta_steps} meta-steps in "
+            f"{label}: meta-trained ({cfg.method}) {cfg.meta_steps} meta-steps in "
             f"{history['seconds']:.1f} s, validation score {valid:.4f}",
             flush=True,
         )
