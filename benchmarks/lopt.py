@@ -132,6 +132,13 @@ def main() -> None:
     parser.add_argument("--meta-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--splits",
+        nargs="+",
+        default=["test", "ood"],
+        choices=["test", "ood"],
+        help="held-out splits to evaluate (test = in-distribution)",
+    )
+    parser.add_argument(
         "--config",
         default=None,
         help="meta-training config (YAML of MetaConfig keys, e.g. "
@@ -190,14 +197,18 @@ def main() -> None:
     print(f"tuned learning rates ({tune_seconds:.1f} s): {json.dumps(tuned)}", flush=True)
 
     splits = {
-        split: split_tasks(split, families, per_family * len(families)) for split in ("test", "ood")
+        split: split_tasks(split, families, per_family * len(families))
+        for split in ("test", "ood")
+        if split in args.splits
     }
     result = evaluate_optimizers(splits, steps, tuned, learned, at=RECORD_STEPS, seed=args.seed)
     rows = summarize(result.records)
     total = time.perf_counter() - start
     print(
         f"\nmachine: {machine()}; families {', '.join(families)}; {per_family} task(s) per "
-        f"family and split; {steps} steps (ood: x{splits['ood'][0].horizon_multiplier}); "
+        f"family and split; {steps} steps"
+        + (f" (ood: x{splits['ood'][0].horizon_multiplier})" if "ood" in splits else "")
+        + "; "
         f"total {total:.0f} s"
     )
     print(
