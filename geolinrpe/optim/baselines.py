@@ -30,11 +30,9 @@ ending at ``s`` (the losses before updates ``s - window + 1 .. s``, as in
 :meth:`~geolinrpe.optim.meta.EvalResult.table`); ``relative_loss = loss / initial_loss``, the
 initial loss being the first minibatch loss at the (shared) initialisation.
 
-:func:`run_curve` is :func:`~geolinrpe.optim.meta.train_curve` for an optimizer *factory* with
-an optional per-step scheduler: ``train_curve`` selects its optimizer by name inside and has no
-scheduler hook, so it cannot run AdamW with cosine decay; ``run_curve`` seeds, initialises,
-samples and pads diverged runs exactly as ``train_curve`` does (a test checks that the two give
-identical curves for Adam and SGD with momentum).
+Curves come from :func:`~geolinrpe.optim.meta.run_curve`, the inner-training loop that
+:func:`~geolinrpe.optim.meta.train_curve` also uses, with each optimizer *factory* and its
+optional per-step scheduler (AdamW's cosine decay).
 """
 
 from __future__ import annotations
@@ -48,8 +46,8 @@ import torch
 from torch import Tensor
 
 from .learned import LearnedOptimizer, LearnedUpdateRule
-from .meta import EvalResult, final_score, lr_grid
-from .tasks import Task, TaskSpec
+from .meta import EvalResult, final_score, lr_grid, run_curve
+from .tasks import TaskSpec
 
 #: ``(optimizer, scheduler or None)``; the scheduler is stepped after every update
 Built = tuple[torch.optim.Optimizer, "torch.optim.lr_scheduler.LRScheduler | None"]
@@ -112,28 +110,6 @@ def learned_factory(net: LearnedUpdateRule) -> Factory:
         return LearnedOptimizer(params, net, lr=lr), None
 
     return build
-
-
-def run_curve(task: Task, factory: Factory, lr: float, steps: int, seed: int = 0) -> list[float]:
-    """Train ``task`` from its seeded init for ``steps`` updates with ``factory(params, lr,
-    steps)``; the training loss at each step (entry ``t``: the minibatch loss before update
-    ``t + 1``; a diverged run is padded with ``inf``), as
-    :func:`~geolinrpe.optim.meta.train_curve`."""
-    gen = torch.Generator().manual_seed(seed)
-    params = [p.requires_grad_(True) for p in task.init(gen)]
-    opt, sched = factory(params, lr, steps)
-    losses: list[float] = []
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        loss = task.loss(params, task.sample(gen))
-        if not torch.isfinite(loss):
-            return losses + [math.inf] * (steps - len(losses))
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _factory(name: str) -> Factory:

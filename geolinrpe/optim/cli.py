@@ -73,22 +73,12 @@ def load_config(
         ValueError: the file is missing or not a YAML mapping, an override is malformed, or a
             key is unknown or its value of the wrong type (the message names the key).
     """
-    import yaml
 
-    from ..train.config import parse_override
+    from ..train.config import parse_override, read_yaml_mapping
 
     merged: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"config file {str(path)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid YAML ({err})") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ValueError(f"config file {str(path)!r} is not a mapping of MetaConfig keys")
-        merged.update(loaded or {})
+        merged.update(read_yaml_mapping(path, "MetaConfig keys"))
     merged.update(values or {})
     for override in overrides:
         key, value = parse_override(override)

@@ -687,32 +687,14 @@ def load_checkpoint(path: str | Path) -> tuple[LearnedUpdateRule, MetaConfig, di
 
 
 # ----------------------------------------------------------------------------- harness
-def train_curve(
-    task: Task,
-    optimizer: str,
-    lr: float,
-    steps: int,
-    seed: int = 0,
-    net: LearnedUpdateRule | None = None,
-) -> list[float]:
-    """Train ``task`` from its seeded init with an optimizer; training loss at each step.
-
-    ``optimizer``: ``"learned"`` (:class:`LearnedOptimizer` with ``net``, ``lr`` = eta),
-    ``"adam"`` or ``"sgdm"`` (momentum 0.9). Entry ``t`` is the minibatch loss before update
-    ``t + 1``; a diverged run is padded with ``inf``.
-    """
+def run_curve(task: Task, factory, lr: float, steps: int, seed: int = 0) -> list[float]:
+    """Train ``task`` from its seeded init for ``steps`` updates with the optimizer (and
+    optional per-step scheduler) ``factory(params, lr, steps) -> (optimizer, scheduler or
+    None)``; the training loss at each step. Entry ``t`` is the minibatch loss before update
+    ``t + 1``; a diverged run is padded with ``inf``."""
     gen = torch.Generator().manual_seed(seed)
     params = [p.requires_grad_(True) for p in task.init(gen)]
-    if optimizer == "learned":
-        if net is None:
-            raise ValueError("optimizer='learned' needs net")
-        opt = LearnedOptimizer(params, net, lr=lr)
-    elif optimizer == "adam":
-        opt = torch.optim.Adam(params, lr=lr)
-    elif optimizer == "sgdm":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9)
-    else:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    opt, sched = factory(params, lr, steps)
     losses: list[float] = []
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -721,8 +703,35 @@ def train_curve(
             return losses + [math.inf] * (steps - len(losses))
         loss.backward()
         opt.step()
+        if sched is not None:
+            sched.step()
         losses.append(loss.item())
     return losses
+
+
+def train_curve(
+    task: Task,
+    optimizer: str,
+    lr: float,
+    steps: int,
+    seed: int = 0,
+    net: LearnedUpdateRule | None = None,
+) -> list[float]:
+    """:func:`run_curve` with an optimizer by name: ``"learned"`` (:class:`LearnedOptimizer`
+    with ``net``, ``lr`` = eta), ``"adam"`` or ``"sgdm"`` (momentum 0.9)."""
+    if optimizer == "learned" and net is None:
+        raise ValueError("optimizer='learned' needs net")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+
+    def factory(params, lr, steps):
+        if optimizer == "learned":
+            return LearnedOptimizer(params, net, lr=lr), None
+        if optimizer == "adam":
+            return torch.optim.Adam(params, lr=lr), None
+        return torch.optim.SGD(params, lr=lr, momentum=0.9), None
+
+    return run_curve(task, factory, lr, steps, seed)
 
 
 def final_score(curve: Sequence[float], window: int = 5) -> float:

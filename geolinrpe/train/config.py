@@ -441,16 +441,7 @@ class Config:
         """
         values: dict[str, Any] = {}
         if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ValueError(f"config file {str(path)!r} does not exist")
-            try:
-                loaded = yaml.safe_load(path.read_text())
-            except yaml.YAMLError as err:
-                raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
-            if loaded is not None and not isinstance(loaded, dict):
-                raise ValueError(f"config file {str(path)!r} must hold a mapping of sections")
-            values = loaded or {}
+            values = read_yaml_mapping(path, "sections")
         for override in overrides:
             key, value = parse_override(override)
             _set_dotted(values, key, value)
@@ -805,6 +796,25 @@ def format_config_keys(sections: Sequence[str] = (), width: int = 100) -> str:
 def _yaml_word(value: Any) -> str:
     """``value`` as one would type it in an override (``false``, ``1``, ``abc``)."""
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def read_yaml_mapping(path: str | Path, what: str) -> dict:
+    """The mapping a YAML config file holds (``yaml.safe_load``; an empty file is ``{}``).
+
+    Raises:
+        ValueError: naming the file when it is missing, not valid YAML, or not a mapping of
+            ``what`` (e.g. ``"sections"``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {err}") from err
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of {what}")
+    return loaded or {}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
