@@ -123,6 +123,22 @@ class LearnedUpdateRule(nn.Module):
         raise NotImplementedError
 
 
+def check_rule(init: str, betas: Sequence[float]) -> None:
+    """The options every update rule shares: ``init`` and the momentum decays."""
+    if init not in ("adam", "zero"):
+        raise ValueError(f"init must be 'adam' or 'zero', got {init!r}")
+    if 0.9 not in betas:
+        raise ValueError("betas must contain 0.9 (the Adam-direction feature uses it)")
+
+
+def entry_rpe_options(rpe: str | None, options: dict | None) -> dict:
+    """Options of the RPE over entries' (row, col) positions: ``flt-kernel`` defaults to a
+    lengthscale of 0.25 in normalised coordinates; ``options`` override."""
+    merged = {"lengthscale": 0.25} if rpe == "flt-kernel" else {}
+    merged.update(options or {})
+    return merged
+
+
 class UpdateBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(ln(x))``, then ``x + mlp(ln(x))``."""
 
@@ -192,12 +208,8 @@ class UpdateNetwork(LearnedUpdateRule):
         mag_scale: float = 0.1,
     ) -> None:
         super().__init__()
-        if init not in ("adam", "zero"):
-            raise ValueError(f"init must be 'adam' or 'zero', got {init!r}")
-        if 0.9 not in betas:
-            raise ValueError("betas must contain 0.9 (the Adam-direction feature uses it)")
-        options = {"lengthscale": 0.25} if rpe == "flt-kernel" else {}
-        options.update(rpe_options or {})
+        check_rule(init, betas)
+        options = entry_rpe_options(rpe, rpe_options)
         self.config = dict(
             width=width,
             num_heads=num_heads,

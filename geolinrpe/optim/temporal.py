@@ -77,7 +77,9 @@ from .learned import (
     UpdateBlock,
     _tensor_features,
     advance_step,
+    check_rule,
     entry_positions,
+    entry_rpe_options,
     num_input_features,
     output_deltas,
     step_counts,
@@ -196,10 +198,7 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
         chunk_size: int = 8192,
     ) -> None:
         super().__init__()
-        if init not in ("adam", "zero"):
-            raise ValueError(f"init must be 'adam' or 'zero', got {init!r}")
-        if 0.9 not in betas:
-            raise ValueError("betas must contain 0.9 (the Adam-direction feature uses it)")
+        check_rule(init, betas)
         for name, value, low in (
             ("history", history, 1),
             ("num_layers", num_layers, 1),
@@ -209,8 +208,7 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         options = _temporal_rpe_options(rpe, history, rpe_options)
-        spatial_options = {"lengthscale": 0.25} if spatial_rpe == "flt-kernel" else {}
-        spatial_options.update(spatial_rpe_options or {})
+        spatial_options = entry_rpe_options(spatial_rpe, spatial_rpe_options)
         self.config = dict(
             history=history,
             width=width,
