@@ -198,7 +198,7 @@ def evaluate_optimizers(
     splits: Mapping[str, Sequence[TaskSpec]],
     steps: int,
     tuned_lrs: Mapping[str, Mapping[str, float]],
-    learned: Mapping[str, tuple[LearnedUpdateRule, float]] | None = None,
+    learned: Mapping[str, tuple[LearnedUpdateRule, float | Mapping[str, float]]] | None = None,
     at: Sequence[int] = RECORD_STEPS,
     window: int = 5,
     dtype: torch.dtype = torch.float32,
@@ -211,7 +211,8 @@ def evaluate_optimizers(
             (any other name is recorded as is).
         steps: the step budget; each task trains ``steps * spec.horizon_multiplier`` steps.
         tuned_lrs: ``{baseline: {family: lr}}`` (:func:`tune_learning_rates`).
-        learned: ``{label: (update rule, eta)}`` learned optimizers.
+        learned: ``{label: (update rule, eta)}`` learned optimizers; ``eta`` a float or
+            ``{family: eta}`` (e.g. ``MetaConfig.family_lrs``).
         at: record steps (module docstring); the final step is always recorded.
 
     Returns:
@@ -222,7 +223,8 @@ def evaluate_optimizers(
     for name, lrs in tuned_lrs.items():
         optimizers[name] = (_factory(name), lambda family, lrs=lrs: lrs[family])
     for label, (net, eta) in (learned or {}).items():
-        optimizers[label] = (learned_factory(net), lambda family, eta=eta: eta)
+        eta_of = (lambda f, e=eta: e[f]) if isinstance(eta, Mapping) else (lambda f, e=eta: e)
+        optimizers[label] = (learned_factory(net), eta_of)
     result = Evaluation()
     for split, specs in splits.items():
         label = SPLIT_LABELS.get(split, split)
@@ -259,11 +261,14 @@ def summarize(records: Sequence[dict]) -> list[dict]:
     """Rows ``{optimizer, split, family, step, tasks, diverged, loss_mean, loss_std,
     relative_mean, relative_std}`` over the tasks of each (optimizer, split, family, step); means
     and (population) standard deviations over the tasks whose loss is finite (``diverged``
-    counts the others); ``family="all"`` pools the families' relative losses only."""
+    counts the others); ``family="all"`` pools the tasks of every family of the split (with as
+    many tasks per family, its ``loss_mean`` is the mean of the families' mean losses), except
+    records marked ``pool=False``."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["optimizer"], r["split"], r["family"], r["step"]), []).append(r)
-        groups.setdefault((r["optimizer"], r["split"], "all", r["step"]), []).append(r)
+        if r.get("pool", True):
+            groups.setdefault((r["optimizer"], r["split"], "all", r["step"]), []).append(r)
 
     def stats(values: list[float]) -> tuple[float, float]:
         if not values:
@@ -274,7 +279,7 @@ def summarize(records: Sequence[dict]) -> list[dict]:
     rows = []
     for (optimizer, split, family, step), group in groups.items():
         finite = [r for r in group if math.isfinite(r["loss"])]
-        loss = stats([r["loss"] for r in finite]) if family != "all" else (math.nan, math.nan)
+        loss = stats([r["loss"] for r in finite])
         rel = stats([r["relative_loss"] for r in finite])
         rows.append(
             dict(

@@ -40,6 +40,19 @@ DESCRIPTION = (
 """The ``geolinrpe lopt --help`` description."""
 
 
+def _yaml_mapping(text: str) -> dict:
+    """A flag's value read as a YAML mapping (``yaml.safe_load``), e.g. ``{mlp: 0.03}``."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"not YAML: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"needs a mapping such as '{{mlp: 0.03}}', got {text!r}")
+    return value
+
+
 def _add_meta_args(parser: argparse.ArgumentParser) -> None:
     """One flag per MetaConfig field; an absent flag leaves the attribute unset (so that the
     config file's value, or the default, stands)."""
@@ -52,8 +65,10 @@ def _add_meta_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **extra)
         elif f.name == "families":
             parser.add_argument(flag, nargs="+", choices=FAMILIES, **extra)
-        elif f.name == "unroll_schedule":
+        elif f.name in ("unroll_schedule", "valid_at"):
             parser.add_argument(flag, nargs="+", type=int, metavar="T", **extra)
+        elif f.name == "family_lrs":
+            parser.add_argument(flag, type=_yaml_mapping, metavar="'{family: lr, ...}'", **extra)
         elif f.name == "rpe":
             parser.add_argument(flag, **{**extra, "help": f"RPE name or 'none' (default: {value})"})
         elif f.name == "clip_norm":
@@ -114,7 +129,7 @@ def run_evaluate(
     for path in checkpoints:
         net, cfg, _ = load_checkpoint(path)
         label = "lopt-" + ("norpe" if cfg.rpe is None else cfg.rpe)
-        learned[label] = (net, cfg.lr)
+        learned[label] = (net, {f: cfg.lr_for(f) for f in FAMILIES})
         families = families or cfg.families
     families = tuple(families or FAMILIES)
     valid = split_tasks("valid", families, 2 * len(families))
@@ -136,8 +151,8 @@ def run_evaluate(
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``geolinrpe lopt``; returns the exit status."""
+def build_parser() -> argparse.ArgumentParser:
+    """The ``geolinrpe lopt`` argument parser (sub-commands ``meta-train`` and ``evaluate``)."""
     parser = argparse.ArgumentParser(prog="geolinrpe lopt", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("meta-train", help="meta-train an UpdateNetwork")
@@ -159,7 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ev.add_argument("--steps", type=int, default=200)
     ev.add_argument("--tune-steps", type=int, default=100)
     ev.add_argument("--families", nargs="+", choices=FAMILIES, default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``geolinrpe lopt``; returns the exit status."""
+    args = build_parser().parse_args(argv)
     if args.command == "meta-train":
         run_meta_train(_config(args), args.out, args.resume)
     else:

@@ -10,7 +10,9 @@ advances every worker by ``truncation`` steps ``K`` with the functional
 .. math::  \mathcal{L}_{meta}(\theta) = \frac{1}{K} \sum_{t=1}^{K} L_t(w_t(\theta)) / L_0
 
 (the inner training losses over the truncation, normalised by the task's loss at
-initialisation so that families of different scale weigh alike) into the network parameters
+initialisation so that families of different scale weigh alike; ``objective="log"`` averages
+``log(L_t / L_0)`` instead, which weighs a halving of the loss alike at every scale and in
+every family) into the network parameters
 ``theta``; gradients are clipped to ``clip`` (global norm) and applied with Adam. With
 ``second_order=True`` the inner gradients are built with ``create_graph=True`` (the exact
 meta-gradient of the truncation); otherwise they are treated as constants (first order).
@@ -40,6 +42,17 @@ Curriculum (``unroll_schedule = (T_start, T_end[, ramp])``): the inner horizon `
 ``s`` (1-based) is ``round(T_start + (T_end - T_start) min(1, (s - 1) / max(ramp - 1, 1)))``,
 ``ramp`` defaulting to ``meta_steps``; a worker restarts its task once it has run ``T`` times
 the task's ``horizon_multiplier`` inner steps (checked after each truncation of ``K`` steps).
+
+Base learning rate: the learned optimizer's ``eta`` is ``lr``, or ``family_lrs[family]`` for
+the families listed there (e.g. tuned Adam's learning rate per family: an untrained
+:class:`~geolinrpe.optim.temporal.TemporalUpdateNetwork` is exactly Adam with ``eta``, so
+meta-training then starts from tuned Adam), in meta-training, validation and evaluation alike.
+
+Validation (before the first meta-step and every ``valid_every`` meta-steps; the best score is
+saved as ``best.pt``, so it stays the untrained network if nothing beats it): each
+meta-validation task is trained ``valid_steps`` steps and its loss / initial loss read at the
+steps ``valid_at`` (default: the last); the score is the mean of those ratios, or of their
+logarithms with ``objective="log"`` (:func:`validation_score`).
 
 Meta-gradient clipping: every method's meta-gradient (TBPTT's backprop, ES's and PES's
 estimates) is clipped to global norm ``clip_norm`` (falling back to the older ``clip``; ``<= 0``
@@ -82,6 +95,7 @@ from .temporal import TemporalUpdateNetwork
 OPTIMIZERS = ("learned", "adam", "sgdm")
 #: meta-training methods (``MetaConfig.method``)
 METHODS = ("tbptt", "es", "pes")
+OBJECTIVES = ("relative", "log")
 #: update networks by ``MetaConfig.network`` (and the ``"network"`` key of checkpoints)
 NETWORKS: dict[str, type[LearnedUpdateRule]] = {
     "spatial": UpdateNetwork,
@@ -105,6 +119,8 @@ class MetaConfig:
     num_heads: int = 2
     num_layers: int = 1
     lr: float = 1e-2  # eta: lr_base of the learned optimizer
+    family_lrs: dict[str, float] | None = None  # eta per task family (others: lr)
+    mag_scale: float = 0.1  # alpha in the update's magnitude exp(alpha s)
     unroll: int = 100  # T: inner steps per task before a new task is drawn
     truncation: int = 10  # K: inner steps per meta-gradient
     meta_steps: int = 200
@@ -114,6 +130,7 @@ class MetaConfig:
     clip_norm: float | None = None  # global-norm clip of the meta-gradient; <= 0 disables
     second_order: bool = False
     method: str = "tbptt"  # "tbptt", "es" or "pes" (module docstring)
+    objective: str = "relative"  # meta-loss per inner step: L_t / L_0 or log(L_t / L_0)
     es_sigma: float = 0.01
     es_pairs: int = 4
     num_particles: int = 4  # pes: antithetic pairs per worker (2 inner trajectories each)
@@ -124,6 +141,7 @@ class MetaConfig:
     num_valid_tasks: int = 8
     valid_every: int = 50
     valid_steps: int = 100
+    valid_at: tuple[int, ...] | None = None  # validation reads the loss here (default: the end)
     seed: int = 0
     dtype: str = "float32"
 
@@ -132,12 +150,21 @@ class MetaConfig:
             raise ValueError(f"network must be one of {tuple(NETWORKS)}, got {self.network!r}")
         if self.history < 1 or self.spatial_layers < 0:
             raise ValueError("need history >= 1 and spatial_layers >= 0")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.truncation <= 0 or self.unroll < self.truncation:
             raise ValueError("need 0 < truncation <= unroll")
         if self.num_particles < 1 or not self.sigma > 0:
             raise ValueError("need num_particles >= 1 and sigma > 0")
+        if self.valid_at is not None:
+            self.valid_at = tuple(int(x) for x in self.valid_at)
+            if not self.valid_at or not all(5 <= x <= self.valid_steps for x in self.valid_at):
+                raise ValueError(
+                    f"valid_at must be steps in [5, valid_steps={self.valid_steps}], "
+                    f"got {self.valid_at!r}"
+                )
         if self.checkpoint_every < 0:
             raise ValueError("need checkpoint_every >= 0")
         if self.unroll_schedule is not None:
@@ -156,6 +183,15 @@ class MetaConfig:
             if family not in FAMILIES:
                 raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
         self.families = tuple(self.families)
+        if self.family_lrs is not None:
+            lrs = dict(self.family_lrs)
+            bad = {k: v for k, v in lrs.items() if k not in FAMILIES or not float(v) > 0}
+            if bad:
+                raise ValueError(
+                    f"family_lrs must map task families {FAMILIES} to positive learning rates, "
+                    f"got {bad!r}"
+                )
+            self.family_lrs = {k: float(v) for k, v in sorted(lrs.items())}
         if self.dtype not in ("float32", "float64", "bfloat16", "float16"):
             raise ValueError(
                 f"dtype must be float32, float64, bfloat16 or float16, got {self.dtype!r}"
@@ -170,6 +206,11 @@ class MetaConfig:
         """The meta-gradient clip in use: ``clip_norm``, else ``clip`` (``inf``: no clipping)."""
         value = self.clip if self.clip_norm is None else self.clip_norm
         return float(value) if value > 0 else math.inf
+
+    def lr_for(self, family: str) -> float:
+        """The learned optimizer's ``eta`` on tasks of ``family``: ``family_lrs[family]`` if
+        given, else ``lr``."""
+        return (self.family_lrs or {}).get(family, self.lr)
 
     def unroll_at(self, meta_step: int) -> int:
         """The inner horizon ``T`` at ``meta_step`` (1-based): ``unroll``, or the linear ramp of
@@ -201,10 +242,17 @@ class MetaConfig:
 def _coerce(key: str, value, default):
     """``value`` of MetaConfig field ``key`` (default ``default``) converted to its type."""
     if value is None or (key == "rpe" and str(value).lower() in ("none", "null")):
-        if key in ("rpe", "clip_norm", "unroll_schedule"):
+        if key in ("rpe", "clip_norm", "unroll_schedule", "family_lrs", "valid_at"):
             return None
         raise ValueError(f"MetaConfig key {key!r} cannot be null")
-    if key in ("families", "unroll_schedule"):
+    if key == "family_lrs":
+        if not isinstance(value, dict):
+            raise ValueError(f"MetaConfig key 'family_lrs' needs a mapping, got {value!r}")
+        try:
+            return {str(k): float(v) for k, v in value.items()}
+        except (TypeError, ValueError):
+            raise ValueError(f"MetaConfig key 'family_lrs': {value!r} has a non-number") from None
+    if key in ("families", "unroll_schedule", "valid_at"):
         value = [value] if isinstance(value, (str, int)) else value
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"MetaConfig key {key!r} needs a list, got {value!r}")
@@ -244,9 +292,12 @@ def build_network(cfg: MetaConfig) -> LearnedUpdateRule:
             rpe=cfg.rpe,
             spatial_layers=cfg.spatial_layers,
             spatial_rpe=cfg.rpe,
+            mag_scale=cfg.mag_scale,
         )
     else:
-        net = UpdateNetwork(cfg.width, cfg.num_heads, cfg.num_layers, rpe=cfg.rpe)
+        net = UpdateNetwork(
+            cfg.width, cfg.num_heads, cfg.num_layers, rpe=cfg.rpe, mag_scale=cfg.mag_scale
+        )
     return net.to(cfg.torch_dtype)
 
 
@@ -260,22 +311,30 @@ def truncation_loss(
     lr: float,
     norm: float = 1.0,
     second_order: bool = False,
+    objective: str = "relative",
 ) -> tuple[Tensor, list[Tensor], dict]:
-    """Run ``steps`` functional inner steps; return (mean loss / norm, params, state).
+    """Run ``steps`` functional inner steps; return (meta-loss, params, state).
 
-    The loss is differentiable with respect to ``net``'s parameters; ``params`` may be leaves
-    (they are made to require grad). Non-finite inner losses propagate (callers check).
+    The meta-loss is the mean over the steps of ``L_t / norm`` (``objective="relative"``) or of
+    ``log(L_t / norm)`` (``"log"``). It is differentiable with respect to ``net``'s parameters;
+    ``params`` may be leaves (they are made to require grad). A non-finite inner loss ends the
+    truncation at once and is returned as the meta-loss (callers check).
     """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     params = [p if p.requires_grad else p.detach().requires_grad_(True) for p in params]
     total = 0.0
     for _ in range(steps):
         loss = task.loss(params, task.sample(generator))
+        if not torch.isfinite(loss):
+            return loss, params, state
         grads = torch.autograd.grad(loss, params, retain_graph=True, create_graph=second_order)
         if not second_order:
             grads = [g.detach() for g in grads]
         params, state = learned_step(net, params, grads, state, lr=lr)
-        total = total + loss
-    return total / (steps * norm), params, state
+        ratio = loss / norm
+        total = total + (torch.log(ratio.clamp_min(1e-30)) if objective == "log" else ratio)
+    return total / steps, params, state
 
 
 def _detach_state(state: dict) -> dict:
@@ -317,6 +376,7 @@ class _Worker:
     def _build(self) -> None:
         spec = self.specs[self.index]
         self.task = spec.build(self.cfg.torch_dtype)
+        self.lr = self.cfg.lr_for(getattr(spec, "family", ""))
         self.horizon_multiplier = getattr(spec, "horizon_multiplier", 1)
 
     def advance(self, params: list[Tensor] | None, state: dict | None) -> None:
@@ -366,8 +426,9 @@ def _es_gradient(
             worker.state,
             cfg.truncation,
             inner,
-            cfg.lr,
+            worker.lr,
             worker.norm,
+            objective=cfg.objective,
         )
         return float(loss.detach()), params, state
 
@@ -412,8 +473,9 @@ def _pes_gradient(
                     particle[key]["state"],
                     cfg.truncation,
                     torch.Generator().manual_seed(batch_seed),
-                    cfg.lr,
+                    worker.lr,
                     worker.norm,
+                    objective=cfg.objective,
                 )
                 values.append(float(loss.detach()))
                 new[key] = {"params": [p.detach() for p in params], "state": _detach_state(state)}
@@ -437,7 +499,7 @@ def _set_flat_grad(net: LearnedUpdateRule, flat: Tensor) -> None:
 
 
 #: config fields that may differ between a checkpoint and the run that resumes it
-RESUMABLE_CHANGES = ("meta_steps", "valid_every", "valid_steps", "checkpoint_every")
+RESUMABLE_CHANGES = ("meta_steps", "valid_every", "valid_steps", "valid_at", "checkpoint_every")
 
 
 def meta_train(
@@ -452,7 +514,8 @@ def meta_train(
     History: ``meta_loss`` (per meta-step, mean over the meta-batch of the normalised truncation
     loss), ``grad_norm`` (per meta-step, the meta-gradient's global norm before clipping; ``nan``
     when no worker gave a finite loss), ``unroll`` (the horizon of each meta-step), ``valid``
-    (``(meta_step, mean normalised final loss)`` on meta-validation tasks), ``seconds``.
+    (``(meta_step, score)`` on meta-validation tasks, :func:`validation_score`, from meta-step 0:
+    the untrained network), ``seconds``.
     With ``out``, writes ``checkpoint.pt`` (see the module docstring: everything needed to
     resume) every ``cfg.checkpoint_every`` meta-steps, at every validation and at the end, and
     ``best.pt`` for the best validation score.
@@ -526,6 +589,13 @@ def meta_train(
         }
         save_checkpoint(path, net, meta_opt, cfg, history, extra)
 
+    if ckpt is None:  # the starting point's score: best.pt stays there if nothing beats it
+        best = validation_score(net, valid_specs, cfg)
+        history["valid"].append((0, best))
+        if log is not None:
+            log(f"meta-step 0/{cfg.meta_steps}  valid {best:.4f}")
+        if out is not None:
+            save(out / "best.pt", 0)
     for meta_step in range(first, cfg.meta_steps + 1):
         meta_opt.zero_grad(set_to_none=True)
         losses = []
@@ -544,9 +614,10 @@ def meta_train(
                     worker.state,
                     cfg.truncation,
                     inner,
-                    cfg.lr,
+                    worker.lr,
                     worker.norm,
                     cfg.second_order,
+                    cfg.objective,
                 )
                 if not torch.isfinite(loss):
                     worker.reset()
@@ -743,13 +814,20 @@ def final_score(curve: Sequence[float], window: int = 5) -> float:
 
 
 def validation_score(net: LearnedUpdateRule, specs: Sequence[TaskSpec], cfg: MetaConfig) -> float:
-    """Mean :func:`final_score` of the learned optimizer over ``specs`` (``cfg.valid_steps``)."""
-    scores = [
-        final_score(
-            train_curve(s.build(cfg.torch_dtype), "learned", cfg.lr, cfg.valid_steps, net=net)
+    """The learned optimizer's validation score on ``specs`` (lower is better): each task is
+    trained ``cfg.valid_steps`` steps and read at each step of ``cfg.valid_at`` (default: the
+    last) by :func:`final_score`; the score is the mean over tasks and those steps of that
+    relative loss (``cfg.objective="relative"``) or of its logarithm (``"log"``: a geometric
+    mean, so that no family's collapse hides behind another's gain)."""
+    at = cfg.valid_at or (cfg.valid_steps,)
+    scores = []
+    for s in specs:
+        curve = train_curve(
+            s.build(cfg.torch_dtype), "learned", cfg.lr_for(s.family), cfg.valid_steps, net=net
         )
-        for s in specs
-    ]
+        for step in at:
+            value = final_score(curve[:step])
+            scores.append(math.log(max(value, 1e-30)) if cfg.objective == "log" else value)
     return sum(scores) / len(scores)
 
 
@@ -821,7 +899,7 @@ class EvalResult:
 def evaluate(
     specs: Sequence[TaskSpec],
     steps: int,
-    learned: dict[str, tuple[UpdateNetwork, float]],
+    learned: dict[str, tuple[LearnedUpdateRule, float | dict[str, float]]],
     hand_lrs: dict[str, dict[str, float]],
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
@@ -829,14 +907,19 @@ def evaluate(
     """Train every task in ``specs`` with every optimizer; collect the loss curves.
 
     Args:
-        learned: ``{label: (net, eta)}`` learned optimizers (e.g. ``"lopt-rpe"``, ``"lopt-norpe"``).
+        learned: ``{label: (net, eta)}`` learned optimizers (e.g. ``"lopt-rpe"``, ``"lopt-norpe"``);
+            ``eta`` a float or ``{family: eta}``.
         hand_lrs: ``{"adam" | "sgdm": {family: lr}}`` from :func:`tune_learning_rate`.
     """
     result = EvalResult()
     for label, (net, eta) in learned.items():
-        result.lrs[label] = {s.family: eta for s in specs}
+        result.lrs[label] = {
+            s.family: eta[s.family] if isinstance(eta, dict) else eta for s in specs
+        }
         result.curves[label] = {
-            f"{s.family}-{s.seed}": train_curve(s.build(dtype), "learned", eta, steps, seed, net)
+            f"{s.family}-{s.seed}": train_curve(
+                s.build(dtype), "learned", result.lrs[label][s.family], steps, seed, net
+            )
             for s in specs
         }
     for name, lrs in hand_lrs.items():

@@ -114,3 +114,25 @@ def test_record_steps():
     assert record_steps(60) == [50, 60]
     assert record_steps(300) == [50, 200, 300]
     assert record_steps(1000) == [50, 200, 1000]
+
+
+def test_summary_pools_tasks_except_unpooled_records():
+    def rec(family, loss, pool=True, optimizer="adam"):
+        return dict(
+            optimizer=optimizer,
+            split="in_dist",
+            family=family,
+            step=200,
+            loss=loss,
+            relative_loss=loss / 10,
+            pool=pool,
+        )
+
+    records = [rec("a", 1.0), rec("a", 3.0), rec("b", 0.5), rec("b", 1.5), rec("c", 100.0, False)]
+    rows = {r["family"]: r for r in summarize(records)}
+    assert rows["a"]["loss_mean"] == 2.0 and rows["c"]["loss_mean"] == 100.0
+    # two tasks per pooled family: the mean over tasks is the mean of the families' means
+    assert rows["all"]["tasks"] == 4 and rows["all"]["loss_mean"] == pytest.approx(1.5)
+    assert rows["all"]["relative_mean"] == pytest.approx(0.15)
+    diverged = summarize([rec("a", math.inf), rec("a", 2.0)])
+    assert diverged[0]["diverged"] == 1 and diverged[0]["loss_mean"] == 2.0

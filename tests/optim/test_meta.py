@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,11 @@ def test_short_meta_training_lowers_meta_loss(tmp_path) -> None:
     # measured with seed 0: before 0.640, after 0.303
     assert after < 0.8 * before, (before, after)
     assert len(history["meta_loss"]) == 30 and history["valid"][-1][0] == 30
+    # the untrained network is validated first; best.pt holds whichever scored lower
+    assert history["valid"][0][0] == 0 and len(history["valid"]) == 2
+    _, _, best = load_checkpoint(tmp_path / "best.pt")
+    start, end = history["valid"][0][1], history["valid"][1][1]
+    assert best["meta_step"] == (30 if end < start else 0) and best["best"] == min(start, end)
     loaded, cfg2, ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert cfg2 == cfg and ckpt["meta_optimizer"] is not None
     for a, b in zip(loaded.parameters(), net.parameters(), strict=True):
@@ -296,7 +302,8 @@ def test_config_from_dict_and_cli(tmp_path) -> None:
         load_config(path)
     example = Path(__file__).parents[2] / "examples" / "configs" / "lopt" / "meta_train.yaml"
     cfg = load_config(example)
-    assert cfg.method == "pes" and cfg.network == "temporal" and cfg.unroll_schedule
+    assert cfg.method == "pes" and cfg.network == "temporal" and cfg.objective == "log"
+    assert cfg.family_lrs["rosenbrock"] == 0.1 and cfg.valid_at == (200, 1000)
 
 
 def test_cli_meta_train_with_config(tmp_path, capsys) -> None:
@@ -336,3 +343,81 @@ def test_cli_meta_train_with_config(tmp_path, capsys) -> None:
     )
     _, cfg, ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["meta_step"] == 3 and len(ckpt["history"]["meta_loss"]) == 3
+    from geolinrpe.optim.cli import _config, build_parser
+
+    flags = ["meta-train", "--family-lrs", "{quadratic: 0.05}", "--valid-at", "50", "100"]
+    cfg = _config(build_parser().parse_args(flags))
+    assert cfg.family_lrs == {"quadratic": 0.05} and cfg.valid_at == (50, 100)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["meta-train", "--family-lrs", "[0.1]"])
+
+
+def test_family_learning_rates() -> None:
+    cfg = MetaConfig.from_dict({"lr": 0.02, "family_lrs": {"quadratic": "1e-3"}})
+    assert cfg.lr_for("quadratic") == 1e-3 and cfg.lr_for("mlp") == 0.02
+    for bad in ({"cooking": 0.1}, {"mlp": 0.0}):
+        with pytest.raises(ValueError, match="family_lrs"):
+            MetaConfig(family_lrs=bad)
+    with pytest.raises(ValueError, match="family_lrs"):
+        MetaConfig.from_dict({"family_lrs": [0.1]})
+    # workers train with their family's eta: a vanishing one leaves the loss where it started
+    frozen = _small(families=("quadratic",), family_lrs={"quadratic": 1e-12}, meta_steps=1)
+    _, history = meta_train(frozen, log=None)
+    assert history["meta_loss"][0] == pytest.approx(1.0, rel=0.05)
+    _, moving = meta_train(_small(families=("quadratic",), lr=0.1, meta_steps=1), log=None)
+    assert moving["meta_loss"][0] < 0.9
+
+
+def test_log_objective_and_early_exit() -> None:
+    net = build_network(_small())
+    task = make_task("quadratic", 0)
+    gen = torch.Generator().manual_seed(0)
+    params = task.init(gen)
+    after_init = gen.get_state()
+    norm = task.loss(params, None).item()
+    curve = []
+    for objective in ("relative", "log"):
+        gen.set_state(after_init)
+        loss, _, _ = truncation_loss(
+            net, task, params, init_state(params, net), 6, gen, 0.05, norm, objective=objective
+        )
+        curve.append(loss.item())
+    # train_curve's trajectory (seed 0: the same init and minibatches), read as the mean of
+    # L_t / L_0 and of log(L_t / L_0)
+    losses = train_curve(task, "learned", 0.05, 6, net=net, seed=0)
+    assert curve[0] == pytest.approx(sum(losses) / 6 / norm, rel=1e-5)
+    assert curve[1] == pytest.approx(sum(math.log(x / norm) for x in losses) / 6, rel=1e-5)
+    with pytest.raises(ValueError, match="objective"):
+        MetaConfig(objective="mean")
+
+    class Exploding:
+        calls = 0
+
+        def sample(self, gen):
+            return None
+
+        def loss(self, params, batch):
+            self.calls += 1
+            return (params[0] ** 2).sum() * (math.inf if self.calls == 3 else 1.0)
+
+    task = Exploding()
+    p = [torch.ones(3)]
+    loss, _, _ = truncation_loss(net, task, p, init_state(p, net), 10, None, 0.1)
+    assert not torch.isfinite(loss) and task.calls == 3  # stopped at the first inf
+
+
+def test_validation_reads_the_requested_steps() -> None:
+    cfg = _small(valid_steps=20, valid_at=(10, 20))
+    assert cfg.valid_at == (10, 20)
+    with pytest.raises(ValueError, match="valid_at"):
+        _small(valid_steps=20, valid_at=(30,))
+    from geolinrpe.optim.meta import final_score, validation_score
+
+    net = build_network(cfg)
+    spec = split_tasks("valid", ("quadratic",), 1)
+    curve = train_curve(spec[0].build(), "learned", cfg.lr, 20, net=net)
+    expected = (final_score(curve[:10]) + final_score(curve)) / 2
+    assert validation_score(net, spec, cfg) == pytest.approx(expected, rel=1e-6)
+    cfg.objective = "log"  # the geometric mean
+    expected = (math.log(final_score(curve[:10])) + math.log(final_score(curve))) / 2
+    assert validation_score(net, spec, cfg) == pytest.approx(expected, rel=1e-6)
