@@ -5,8 +5,8 @@ update network, ``UpdateNetwork`` (attention over a tensor's entries) or
 ``TemporalUpdateNetwork`` (attention over each entry's last T features, 1D RPE over lags), both
 ``LearnedUpdateRule``s that own their state and step; ``meta_train`` fits it on ``tasks`` by
 truncated backprop, ES or PES (with a horizon curriculum, meta-gradient clipping and exact
-resume); ``evaluate`` and ``tune_learning_rate`` compare it with tuned Adam and SGD with
-momentum.
+resume); ``tune_learning_rates`` and ``evaluate_optimizers`` (``baselines``) compare it with
+tuned Adam, AdamW with cosine decay and SGD with momentum on held-out tasks.
 """
 
 from .baselines import (
@@ -32,14 +32,12 @@ from .meta import (
     EvalResult,
     MetaConfig,
     build_network,
-    evaluate,
     load_checkpoint,
     meta_train,
     plot_curves,
     save_checkpoint,
     train_curve,
     truncation_loss,
-    tune_learning_rate,
 )
 from .tasks import FAMILIES, Task, TaskSpec, Variant, generate_text, make_task, split_tasks
 from .temporal import TemporalUpdateNetwork
@@ -66,7 +64,6 @@ __all__ = [
     "build_network",
     "compute_updates",
     "entry_positions",
-    "evaluate",
     "generate_text",
     "init_state",
     "learned_step",
@@ -78,5 +75,4 @@ __all__ = [
     "split_tasks",
     "train_curve",
     "truncation_loss",
-    "tune_learning_rate",
 ]

@@ -26,9 +26,9 @@ initialisation and minibatches for ``steps * task.horizon_multiplier`` steps (5x
 split). Records are taken at each requested step (default :data:`RECORD_STEPS` = 50, 200,
 1,000; not rescaled for ood tasks) that lies within the task's horizon, and always at its final
 step. The ``loss`` at step ``s`` is the mean of the ``window`` (5) minibatch training losses
-ending at ``s`` (the losses before updates ``s - window + 1 .. s``, as in
-:meth:`~geolinrpe.optim.meta.EvalResult.table`); ``relative_loss = loss / initial_loss``, the
-initial loss being the first minibatch loss at the (shared) initialisation.
+ending at ``s`` (the losses before updates ``s - window + 1 .. s``); ``relative_loss = loss /
+initial_loss``, the initial loss being the first minibatch loss at the (shared)
+initialisation. :func:`summarize` reduces the records to means and spreads over tasks.
 
 Curves come from :func:`~geolinrpe.optim.meta.run_curve`, the inner-training loop that
 :func:`~geolinrpe.optim.meta.train_curve` also uses, with each optimizer *factory* and its

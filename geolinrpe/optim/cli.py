@@ -1,5 +1,6 @@
 """``geolinrpe lopt meta-train | evaluate``: meta-train a learned optimizer, compare it with
-tuned Adam and SGD with momentum on held-out tasks, and plot loss against step.
+tuned Adam, AdamW with cosine decay and SGD with momentum on held-out tasks, and plot loss
+against step.
 
 ``geolinrpe lopt meta-train --config examples/configs/lopt/meta_train.yaml [key=value ...]``
 reads a YAML file of :class:`~geolinrpe.optim.meta.MetaConfig` fields (``yaml.safe_load``; an
@@ -20,20 +21,15 @@ from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 
-from .meta import (
-    MetaConfig,
-    evaluate,
-    load_checkpoint,
-    meta_train,
-    plot_curves,
-    tune_learning_rate,
-)
+from .baselines import evaluate_optimizers, summarize, tune_learning_rates
+from .meta import MetaConfig, load_checkpoint, meta_train, plot_curves
 from .tasks import FAMILIES, split_tasks
 
 DESCRIPTION = (
     "Learned optimizers with RPE attention. 'meta-train' meta-trains an update network on "
     "families of small training tasks; 'evaluate' compares meta-trained checkpoints with "
-    "Adam and SGD with momentum (learning rates tuned on validation tasks) on held-out test "
+    "Adam, AdamW with cosine decay and SGD with momentum (learning rates tuned on validation "
+    "tasks) on held-out test "
     "tasks, and plots loss against step. See 'geolinrpe lopt meta-train --help' and "
     "'geolinrpe lopt evaluate --help' for their options."
 )
@@ -122,30 +118,42 @@ def run_evaluate(
     tune_steps: int,
     families: Sequence[str] | None = None,
 ) -> dict:
-    """Tune Adam / SGD+momentum on meta-validation tasks, train held-out test tasks with every
-    optimizer, write ``results.json`` and ``curves.png`` into ``out``; return the results."""
+    """Tune the baselines (:data:`~geolinrpe.optim.baselines.BASELINES`) per family on
+    meta-validation tasks at ``tune_steps``, train ``num_tasks`` held-out test tasks with every
+    baseline and every checkpoint's learned optimizer (its ``eta`` per family) for ``steps``
+    steps (:func:`~geolinrpe.optim.baselines.evaluate_optimizers`), print the table, write
+    ``results.json`` (``rows`` from :func:`~geolinrpe.optim.baselines.summarize`, ``lrs``,
+    ``records``) and ``curves.png`` into ``out``; return the results."""
     out.mkdir(parents=True, exist_ok=True)
     learned = {}
     for path in checkpoints:
         net, cfg, _ = load_checkpoint(path)
         label = "lopt-" + ("norpe" if cfg.rpe is None else cfg.rpe)
+        label = label if label not in learned else f"{label}-{len(learned)}"
         learned[label] = (net, {f: cfg.lr_for(f) for f in FAMILIES})
         families = families or cfg.families
     families = tuple(families or FAMILIES)
     valid = split_tasks("valid", families, 2 * len(families))
-    hand = {name: tune_learning_rate(name, valid, tune_steps) for name in ("adam", "sgdm")}
+    tuned = tune_learning_rates(valid, tune_steps)
     test = split_tasks("test", families, num_tasks)
-    result = evaluate(test, steps, learned, hand)
     at = sorted({s for s in (steps // 4, steps // 2, steps) if s >= 5})
-    rows = result.table(at)
+    result = evaluate_optimizers({"test": test}, steps, tuned, learned, at=at)
+    rows = summarize(result.records)
     print(f"{'optimizer':<16}{'family':<12}{'step':>6}{'loss':>12}{'loss/L0':>10}")
     for r in rows:
         print(
-            f"{r['optimizer']:<16}{r['family']:<12}{r['step']:>6}{r['loss']:>12.4g}"
-            f"{r['normalised']:>10.4f}"
+            f"{r['optimizer']:<16}{r['family']:<12}{r['step']:>6}{r['loss_mean']:>12.4g}"
+            f"{r['relative_mean']:>10.4f}"
         )
-    plot_curves(result, out / "curves.png")
-    summary = {"rows": rows, "lrs": result.lrs, "steps": steps, "num_tasks": num_tasks}
+    curves = result.curves["in_dist"]
+    plot_curves(curves, out / "curves.png")
+    summary = {
+        "rows": rows,
+        "lrs": curves.lrs,
+        "steps": steps,
+        "num_tasks": num_tasks,
+        "records": result.records,
+    }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {out / 'results.json'} and {out / 'curves.png'}")
     return summary
@@ -167,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", type=Path, default=None, help="checkpoint.pt to continue")
     train.add_argument("overrides", nargs="*", help="key=value MetaConfig overrides")
     _add_meta_args(train)
-    ev = sub.add_parser("evaluate", help="compare checkpoints with tuned Adam / SGD+momentum")
+    ev = sub.add_parser(
+        "evaluate", help="compare checkpoints with tuned Adam, AdamW cosine and SGD+momentum"
+    )
     ev.add_argument("checkpoints", type=Path, nargs="*", help="checkpoint.pt files")
     ev.add_argument("--out", type=Path, default=Path("runs/lopt/eval"))
     ev.add_argument("--num-tasks", type=int, default=16)

@@ -66,9 +66,9 @@ parameters and state, normaliser, steps and the PES particles with their ``xi``)
 ``meta_train(cfg, resume=path)`` continues exactly where the run stopped (TBPTT, ES and PES
 alike; tested bit-exact for TBPTT and PES).
 
-Baselines (:func:`tune_learning_rate`, :func:`evaluate`): Adam and SGD with momentum 0.9, the
-learning rate chosen per task family on a log grid by the mean normalised final training loss on
-meta-validation tasks; the learned optimizer with and without RPE are evaluated in the same loop.
+Baselines and the comparison on held-out tasks live in :mod:`geolinrpe.optim.baselines`; this
+module keeps the inner-training loop they share (:func:`run_curve`, :func:`train_curve`) and
+the curves' container and plot (:class:`EvalResult`, :func:`plot_curves`).
 """
 
 from __future__ import annotations
@@ -836,99 +836,12 @@ def lr_grid(low: float, high: float, num: int) -> list[float]:
     return [float(x) for x in torch.logspace(math.log10(low), math.log10(high), num)]
 
 
-DEFAULT_GRIDS = {"adam": lr_grid(1e-4, 1.0, 9), "sgdm": lr_grid(1e-5, 1.0, 11)}
-
-
-def tune_learning_rate(
-    optimizer: str,
-    specs: Sequence[TaskSpec],
-    steps: int,
-    grid: Sequence[float] | None = None,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, float]:
-    """Best learning rate per family on ``specs`` (meta-validation tasks): ``{family: lr}``.
-
-    Scores each grid value by the mean :func:`final_score` over the family's tasks.
-    """
-    grid = DEFAULT_GRIDS[optimizer] if grid is None else grid
-    best: dict[str, float] = {}
-    for family in sorted({s.family for s in specs}):
-        family_specs = [s for s in specs if s.family == family]
-        scores = []
-        for lr in grid:
-            values = [
-                final_score(train_curve(s.build(dtype), optimizer, lr, steps)) for s in family_specs
-            ]
-            scores.append(sum(values) / len(values))
-        best[family] = grid[min(range(len(grid)), key=scores.__getitem__)]
-    return best
-
-
 @dataclass
 class EvalResult:
     """Curves per optimizer label and task name, plus the learning rates used."""
 
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     lrs: dict[str, dict[str, float]] = field(default_factory=dict)
-
-    def table(self, at_steps: Sequence[int], window: int = 5) -> list[dict]:
-        """Rows ``{optimizer, family, step, loss, normalised}``: means over the family's tasks of
-        the mean raw loss over ``window`` steps ending at ``step`` and of it / initial loss."""
-        rows = []
-        for label, per_task in self.curves.items():
-            families = sorted({name.rsplit("-", 1)[0] for name in per_task})
-            for family in families + ["all"]:
-                curves = [
-                    c for n, c in per_task.items() if family == "all" or n.startswith(family + "-")
-                ]
-                for step in at_steps:
-                    raw = [sum(c[step - window : step]) / window for c in curves]
-                    norm = [final_score(c[:step], window) for c in curves]
-                    rows.append(
-                        dict(
-                            optimizer=label,
-                            family=family,
-                            step=step,
-                            loss=sum(raw) / len(raw),
-                            normalised=sum(norm) / len(norm),
-                        )
-                    )
-        return rows
-
-
-def evaluate(
-    specs: Sequence[TaskSpec],
-    steps: int,
-    learned: dict[str, tuple[LearnedUpdateRule, float | dict[str, float]]],
-    hand_lrs: dict[str, dict[str, float]],
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-) -> EvalResult:
-    """Train every task in ``specs`` with every optimizer; collect the loss curves.
-
-    Args:
-        learned: ``{label: (net, eta)}`` learned optimizers (e.g. ``"lopt-rpe"``, ``"lopt-norpe"``);
-            ``eta`` a float or ``{family: eta}``.
-        hand_lrs: ``{"adam" | "sgdm": {family: lr}}`` from :func:`tune_learning_rate`.
-    """
-    result = EvalResult()
-    for label, (net, eta) in learned.items():
-        result.lrs[label] = {
-            s.family: eta[s.family] if isinstance(eta, dict) else eta for s in specs
-        }
-        result.curves[label] = {
-            f"{s.family}-{s.seed}": train_curve(
-                s.build(dtype), "learned", result.lrs[label][s.family], steps, seed, net
-            )
-            for s in specs
-        }
-    for name, lrs in hand_lrs.items():
-        result.lrs[name] = dict(lrs)
-        result.curves[name] = {
-            f"{s.family}-{s.seed}": train_curve(s.build(dtype), name, lrs[s.family], steps, seed)
-            for s in specs
-        }
-    return result
 
 
 def plot_curves(result: EvalResult, path: str | Path) -> None:

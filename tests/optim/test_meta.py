@@ -20,7 +20,7 @@ from geolinrpe.optim import (
     split_tasks,
     train_curve,
     truncation_loss,
-    tune_learning_rate,
+    tune_learning_rates,
 )
 
 
@@ -125,8 +125,8 @@ def test_es_and_no_rpe_run() -> None:
 
 def test_baselines_tune_and_train() -> None:
     specs = split_tasks("valid", ("quadratic",), 2)
-    lrs = tune_learning_rate("adam", specs, steps=30, grid=[1e-3, 1e-1])
-    assert lrs == {"quadratic": 1e-1}
+    lrs = tune_learning_rates(specs, steps=30, names=["adam"], grids={"adam": [1e-3, 1e-1]})
+    assert lrs == {"adam": {"quadratic": 1e-1}}
     curve = train_curve(specs[0].build(), "sgdm", 1e-2, 30)
     assert len(curve) == 30 and curve[-1] < curve[0]
 
@@ -421,3 +421,33 @@ def test_validation_reads_the_requested_steps() -> None:
     cfg.objective = "log"  # the geometric mean
     expected = (math.log(final_score(curve[:10])) + math.log(final_score(curve))) / 2
     assert validation_score(net, spec, cfg) == pytest.approx(expected, rel=1e-6)
+
+
+def test_cli_evaluate_compares_checkpoints_with_tuned_baselines(tmp_path, capsys) -> None:
+    from geolinrpe.optim.cli import main
+
+    cfg = _small(families=("quadratic",), meta_steps=1, family_lrs={"quadratic": 0.05})
+    meta_train(cfg, out=tmp_path / "run", log=None)
+    main(
+        [
+            "evaluate",
+            str(tmp_path / "run" / "best.pt"),
+            "--out",
+            str(tmp_path / "eval"),
+            "--num-tasks",
+            "1",
+            "--steps",
+            "20",
+            "--tune-steps",
+            "10",
+        ]
+    )
+    import json
+
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert (tmp_path / "eval" / "curves.png").is_file()
+    names = {r["optimizer"] for r in results["rows"]}
+    assert names == {"adam", "adamw_cosine", "sgd_momentum", "lopt-flt-kernel"}
+    assert results["lrs"]["lopt-flt-kernel"] == {"quadratic": 0.05}  # the checkpoint's eta
+    assert {r["step"] for r in results["records"]} == {5, 10, 20}
+    assert "lopt-flt-kernel" in capsys.readouterr().out
