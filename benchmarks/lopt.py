@@ -59,6 +59,7 @@ recorded run passes ``--ood-families quadratic rosenbrock mlp conv`` (benchmarks
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -225,6 +226,17 @@ def meta_train_all(args, families, steps, eta, out: Path) -> tuple[dict, dict]:
     return learned, info
 
 
+def magnitude_only(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of a learned update rule whose direction head is zeroed: the update direction is
+    its linear skip of the features alone (Adam's direction, plus what meta-training put on the
+    skip), and the attention only sets each entry's step size ``exp(alpha s)``."""
+    net = copy.deepcopy(net)
+    with torch.no_grad():
+        net.head.weight[0].zero_()
+        net.head.bias[0].zero_()
+    return net
+
+
 def targets(rows: list[dict], learned: Sequence[str], at: Sequence[int] = TARGET_STEPS) -> list:
     """Per learned optimizer and step of ``at``: its mean in-distribution loss (over tasks,
     families pooled) against tuned Adam's, and whether it is below."""
@@ -280,6 +292,12 @@ def main() -> None:
         "tuning, done first) or the config's lr / family_lrs",
     )
     parser.add_argument("--out", default=None, help="meta-training folder (default: temporary)")
+    parser.add_argument(
+        "--ablate-direction",
+        action="store_true",
+        help="also evaluate each learned optimizer with its direction head zeroed "
+        "(label <name>_magnitude_only: Adam-like direction, learned step sizes)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="in-distribution budget")
     parser.add_argument("--tasks", type=int, default=None, help="tasks per family and split")
     parser.add_argument("--meta-steps", type=int, default=None)
@@ -327,6 +345,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         learned, meta_info = meta_train_all(args, families, steps, eta, out)
+    if args.ablate_direction:
+        for label, (net, etas) in list(learned.items()):
+            learned[f"{label}_magnitude_only"] = (magnitude_only(net), etas)
 
     splits = {}
     if "test" in args.splits:

@@ -228,3 +228,19 @@ def test_attention_accuracy_benchmark(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| mode | kernel | frequencies | r |" in printed
     assert "target favor+ / favor++ >= 3 [logit]" in printed
+
+
+def test_lopt_magnitude_only_ablation():
+    """``benchmarks/lopt.py --ablate-direction``: a copy whose direction head is zero, so the
+    update direction is the linear skip alone; the original is untouched."""
+    from geolinrpe.optim import TemporalUpdateNetwork, UpdateNetwork
+
+    ablate = _load("benchmarks/lopt.py").magnitude_only
+    for net in (TemporalUpdateNetwork(width=8), UpdateNetwork(width=8)):
+        torch.nn.init.normal_(net.head.weight)
+        torch.nn.init.normal_(net.head.bias)
+        before = net.head.weight.detach().clone()
+        copy = ablate(net)
+        assert torch.equal(net.head.weight, before)  # a copy
+        assert copy.head.weight[0].abs().sum() == 0 and copy.head.bias[0] == 0
+        assert torch.equal(copy.head.weight[1], before[1])
