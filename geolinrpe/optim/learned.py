@@ -123,12 +123,33 @@ class LearnedUpdateRule(nn.Module):
         raise NotImplementedError
 
 
-def check_rule(init: str, betas: Sequence[float]) -> None:
-    """The options every update rule shares: ``init`` and the momentum decays."""
+def check_rule(
+    rule: LearnedUpdateRule, init: str, betas: Sequence[float], beta2: float, mag_scale: float
+) -> None:
+    """Check the options every update rule shares (``init``, the momentum decays) and set them
+    on ``rule``: ``betas``, ``beta2``, ``mag_scale``, ``init``."""
     if init not in ("adam", "zero"):
         raise ValueError(f"init must be 'adam' or 'zero', got {init!r}")
     if 0.9 not in betas:
         raise ValueError("betas must contain 0.9 (the Adam-direction feature uses it)")
+    rule.betas = tuple(float(b) for b in betas)
+    rule.beta2 = float(beta2)
+    rule.mag_scale = float(mag_scale)
+    rule.init = init
+
+
+def reset_output(rule: LearnedUpdateRule, head_std: float) -> None:
+    """The output layers' start: head weights ``N(0, head_std^2)`` (0: exactly zero), head
+    bias 0, skip 0 except 1 on the Adam feature with ``init="adam"``."""
+    if head_std > 0:
+        nn.init.normal_(rule.head.weight, std=head_std)
+    else:
+        nn.init.zeros_(rule.head.weight)
+    nn.init.zeros_(rule.head.bias)
+    nn.init.zeros_(rule.skip.weight)
+    if rule.init == "adam":
+        with torch.no_grad():
+            rule.skip.weight[0, len(rule.betas) + 1] = 1.0  # the "adam" feature
 
 
 def entry_rpe_options(rpe: str | None, options: dict | None) -> dict:
@@ -208,7 +229,7 @@ class UpdateNetwork(LearnedUpdateRule):
         mag_scale: float = 0.1,
     ) -> None:
         super().__init__()
-        check_rule(init, betas)
+        check_rule(self, init, betas, beta2, mag_scale)
         options = entry_rpe_options(rpe, rpe_options)
         self.config = dict(
             width=width,
@@ -221,10 +242,6 @@ class UpdateNetwork(LearnedUpdateRule):
             init=init,
             mag_scale=mag_scale,
         )
-        self.betas = tuple(float(b) for b in betas)
-        self.beta2 = float(beta2)
-        self.mag_scale = float(mag_scale)
-        self.init = init
         self.rpe = rpe
         in_dim = num_input_features(len(self.betas))
         self.embed = nn.Linear(in_dim, width)
@@ -241,12 +258,7 @@ class UpdateNetwork(LearnedUpdateRule):
         self.embed.reset_parameters()
         for block in self.blocks:
             block.attn.reset_parameters()
-        nn.init.normal_(self.head.weight, std=1e-3)
-        nn.init.zeros_(self.head.bias)
-        nn.init.zeros_(self.skip.weight)
-        if self.init == "adam":
-            with torch.no_grad():
-                self.skip.weight[0, len(self.betas) + 1] = 1.0  # the "adam" feature
+        reset_output(self, head_std=1e-3)
 
     def forward(self, x: Tensor, pos: Tensor, batch: Tensor) -> Tensor:
         """Direction and log-scale per entry, ``[n, 2]``."""

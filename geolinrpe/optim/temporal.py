@@ -82,6 +82,7 @@ from .learned import (
     entry_rpe_options,
     num_input_features,
     output_deltas,
+    reset_output,
     step_counts,
     update_moments,
 )
@@ -198,7 +199,7 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
         chunk_size: int = 8192,
     ) -> None:
         super().__init__()
-        check_rule(init, betas)
+        check_rule(self, init, betas, beta2, mag_scale)
         for name, value, low in (
             ("history", history, 1),
             ("num_layers", num_layers, 1),
@@ -226,10 +227,6 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
             chunk_size=chunk_size,
         )
         self.history = history
-        self.betas = tuple(float(b) for b in betas)
-        self.beta2 = float(beta2)
-        self.mag_scale = float(mag_scale)
-        self.init = init
         self.rpe = rpe
         self.chunk_size = chunk_size
         in_dim = num_input_features(len(self.betas))
@@ -254,12 +251,7 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
         self.embed.reset_parameters()
         for block in [*self.blocks, *self.spatial]:
             block.attn.reset_parameters()
-        nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
-        nn.init.zeros_(self.skip.weight)
-        if self.init == "adam":
-            with torch.no_grad():
-                self.skip.weight[0, len(self.betas) + 1] = 1.0  # the "adam" feature
+        reset_output(self, head_std=0.0)
 
     def summarize(
         self, tokens: Tensor, key_padding_mask: Tensor | None, times: Tensor | None = None
