@@ -6,7 +6,9 @@ cosine decay and SGD with momentum on held-out in-distribution and out-of-distri
    losses at the budget / initial loss), for the meta-training families and the unseen ones.
 2. Meta-trains each learned update rule (``--networks``, default ``temporal spatial``: the
    :class:`~geolinrpe.optim.temporal.TemporalUpdateNetwork` and today's
-   :class:`~geolinrpe.optim.learned.UpdateNetwork`, both with ``rpe="flt-kernel"``) with
+   :class:`~geolinrpe.optim.learned.UpdateNetwork`, both with ``rpe="flt-kernel"``; a
+   ``_magnitude`` suffix, e.g. ``temporal_magnitude``, meta-trains that network with
+   ``learn_direction=False``: learned step sizes on its skip's direction) with
    :func:`~geolinrpe.optim.meta.meta_train` on the meta-train split of ``--families``
    (``--config``: a YAML of ``MetaConfig`` keys; ``--method``), keeps the network with the best
    validation score (``best.pt``) and times it. With ``--eta adam`` (default) the learned
@@ -42,7 +44,7 @@ split, shift, task, seed, horizon, lr, step, loss, relative_loss, initial_loss, 
 non-finite losses as null), "summary"}``; ``--plots DIR``: ``curves_in_dist.png``,
 ``curves_ood.png`` and ``curves_unseen.png`` (mean loss / initial loss against step, one panel
 per family, :func:`~geolinrpe.optim.meta.plot_curves`); ``--out DIR``: the meta-training
-checkpoints (``DIR/lopt_<network>/best.pt``, ``checkpoint.pt``).
+checkpoints (``DIR/lopt_<network>[_magnitude]/best.pt``, ``checkpoint.pt``).
 
 ``--quick``: 60 inner steps (ood: 300), one task per family and split, families quadratic,
 rosenbrock, mlp and conv, no unseen families, 8 meta-steps of meta-batch 1 per network (unroll
@@ -82,6 +84,7 @@ from geolinrpe.optim.baselines import (
     tune_learning_rates,
 )
 from geolinrpe.optim.cli import load_config
+from geolinrpe.optim.meta import NETWORKS
 from geolinrpe.optim.tasks import FAMILIES
 
 TRAIN_FAMILIES = ("quadratic", "rosenbrock", "mlp", "conv")
@@ -148,14 +151,32 @@ TARGET_STEPS = (200, 1000)
 these steps."""
 
 
-def meta_config(args, network: str, families: tuple, steps: int, eta: dict | None) -> MetaConfig:
-    """The meta-training config of ``network``: the defaults (``--quick``: a tiny run), else
-    ``--config``'s keys, then what this command line sets explicitly; with ``eta``, the learned
-    optimizer's ``family_lrs``."""
+def network_options(name: str) -> dict:
+    """The ``MetaConfig`` keys of a ``--networks`` entry: ``temporal`` or ``spatial`` (the
+    update network), optionally with ``_magnitude`` (``learn_direction=False``: the network
+    sets each entry's step size on its linear skip's direction, Adam's at the start)."""
+    network, _, variant = name.partition("_")
+    if network not in NETWORKS or variant not in ("", "magnitude"):
+        raise ValueError(
+            f"--networks entries are <network>[_magnitude] with network in {tuple(NETWORKS)}, "
+            f"got {name!r}"
+        )
+    return {"network": network} | ({"learn_direction": False} if variant else {})
+
+
+def label_of(cfg: MetaConfig) -> str:
+    """The optimizer label of a meta-training config: ``lopt_<network>[_magnitude]``."""
+    return f"lopt_{cfg.network}" + ("" if cfg.learn_direction else "_magnitude")
+
+
+def meta_config(args, name: str, families: tuple, steps: int, eta: dict | None) -> MetaConfig:
+    """The meta-training config of the ``--networks`` entry ``name``: the defaults
+    (``--quick``: a tiny run), else ``--config``'s keys, then what this command line sets
+    explicitly; with ``eta``, the learned optimizer's ``family_lrs``."""
     meta_steps = args.meta_steps or (8 if args.quick else 200)
     values = dict(
         families=families,
-        network=network,
+        **network_options(name),
         method=args.method,
         meta_steps=meta_steps,
         valid_every=meta_steps,
@@ -167,7 +188,7 @@ def meta_config(args, network: str, families: tuple, steps: int, eta: dict | Non
         values["family_lrs"] = dict(eta)  # every tuned family, the unseen ones included
     if not args.config:
         return MetaConfig(**values)
-    given = {"network": network, "families": families, "seed": args.seed}
+    given = {**network_options(name), "families": families, "seed": args.seed}
     given.update({"method": args.method} if args.method != "tbptt" else {})
     given.update({"family_lrs": values["family_lrs"]} if eta is not None else {})
     if args.meta_steps:
@@ -190,7 +211,7 @@ def meta_train_all(args, families, steps, eta, out: Path) -> tuple[dict, dict]:
     if args.checkpoint:
         for path in args.checkpoint:
             net, cfg, ckpt = load_checkpoint(path)
-            label = f"lopt_{cfg.network}"
+            label = label_of(cfg)
             learned[label] = (net, _etas(cfg, eta))
             info[label] = {
                 "checkpoint": str(path),
@@ -199,9 +220,9 @@ def meta_train_all(args, families, steps, eta, out: Path) -> tuple[dict, dict]:
                 "config": asdict(cfg),
             }
         return learned, info
-    for network in args.networks:
-        cfg = meta_config(args, network, families, steps, eta)
-        label = f"lopt_{network}"
+    for name in args.networks:
+        cfg = meta_config(args, name, families, steps, eta)
+        label = label_of(cfg)
         run_dir = out / label
         net, history = meta_train(cfg, out=run_dir, log=lambda line: print(line, flush=True))
         best_step = cfg.meta_steps
@@ -229,7 +250,8 @@ def meta_train_all(args, families, steps, eta, out: Path) -> tuple[dict, dict]:
 def magnitude_only(net: torch.nn.Module) -> torch.nn.Module:
     """A copy of a learned update rule whose direction head is zeroed: the update direction is
     its linear skip of the features alone (Adam's direction, plus what meta-training put on the
-    skip), and the attention only sets each entry's step size ``exp(alpha s)``."""
+    skip), and the attention only sets each entry's step size ``exp(alpha s)``: after the fact,
+    what ``learn_direction=False`` meta-trains from the start."""
     net = copy.deepcopy(net)
     with torch.no_grad():
         net.head.weight[0].zero_()
@@ -281,7 +303,13 @@ def main() -> None:
     parser.add_argument(
         "--ood-families", nargs="*", default=None, help="families of the ood split (default: all)"
     )
-    parser.add_argument("--networks", nargs="*", default=["temporal", "spatial"])
+    parser.add_argument(
+        "--networks",
+        nargs="*",
+        default=["temporal", "spatial"],
+        help="update networks to meta-train: temporal, spatial, and either with _magnitude "
+        "(learn_direction=False, e.g. temporal_magnitude)",
+    )
     parser.add_argument("--checkpoint", nargs="+", default=None, help="evaluate these instead")
     parser.add_argument("--method", default="tbptt", help="MetaConfig.method")
     parser.add_argument(
@@ -347,7 +375,8 @@ def main() -> None:
         learned, meta_info = meta_train_all(args, families, steps, eta, out)
     if args.ablate_direction:
         for label, (net, etas) in list(learned.items()):
-            learned[f"{label}_magnitude_only"] = (magnitude_only(net), etas)
+            if net.learn_direction:
+                learned[f"{label}_magnitude_only"] = (magnitude_only(net), etas)
 
     splits = {}
     if "test" in args.splits:

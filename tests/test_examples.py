@@ -244,3 +244,19 @@ def test_lopt_magnitude_only_ablation():
         assert torch.equal(net.head.weight, before)  # a copy
         assert copy.head.weight[0].abs().sum() == 0 and copy.head.bias[0] == 0
         assert torch.equal(copy.head.weight[1], before[1])
+
+
+def test_lopt_network_variants():
+    """``--networks temporal_magnitude``: the temporal network meta-trained with
+    ``learn_direction=False``, labelled from its config (so ``--checkpoint`` agrees)."""
+    from geolinrpe.optim import MetaConfig
+
+    bench = _load("benchmarks/lopt.py")
+    assert bench.network_options("spatial") == {"network": "spatial"}
+    options = bench.network_options("temporal_magnitude")
+    assert options == {"network": "temporal", "learn_direction": False}
+    assert bench.label_of(MetaConfig(**options)) == "lopt_temporal_magnitude"
+    assert bench.label_of(MetaConfig(network="temporal")) == "lopt_temporal"
+    for bad in ("temporal_direction", "mlp"):
+        with pytest.raises(ValueError, match="--networks"):
+            bench.network_options(bad)

@@ -124,10 +124,17 @@ class LearnedUpdateRule(nn.Module):
 
 
 def check_rule(
-    rule: LearnedUpdateRule, init: str, betas: Sequence[float], beta2: float, mag_scale: float
+    rule: LearnedUpdateRule,
+    init: str,
+    betas: Sequence[float],
+    beta2: float,
+    mag_scale: float,
+    learn_direction: bool = True,
 ) -> None:
     """Check the options every update rule shares (``init``, the momentum decays) and set them
-    on ``rule``: ``betas``, ``beta2``, ``mag_scale``, ``init``."""
+    on ``rule``: ``betas``, ``beta2``, ``mag_scale``, ``init``, ``learn_direction``."""
+    if not isinstance(learn_direction, bool):
+        raise ValueError(f"learn_direction must be a bool, got {learn_direction!r}")
     if init not in ("adam", "zero"):
         raise ValueError(f"init must be 'adam' or 'zero', got {init!r}")
     if 0.9 not in betas:
@@ -136,6 +143,20 @@ def check_rule(
     rule.beta2 = float(beta2)
     rule.mag_scale = float(mag_scale)
     rule.init = init
+    rule.learn_direction = learn_direction
+
+
+def head_outputs(rule: LearnedUpdateRule) -> int:
+    """Channels of the rule's head: 2 (direction, log-scale), or 1 (log-scale) without
+    ``learn_direction``."""
+    return 2 if rule.learn_direction else 1
+
+
+def head_output(rule: LearnedUpdateRule, h: Tensor) -> Tensor:
+    """The head's (direction, log-scale) ``[n, 2]`` from the summary ``h [n, c]``; without
+    ``learn_direction`` the direction column is 0, so the direction is the skip's alone."""
+    out = rule.head(h)
+    return out if rule.learn_direction else nn.functional.pad(out, (1, 0))
 
 
 def reset_output(rule: LearnedUpdateRule, head_std: float) -> None:
@@ -207,6 +228,9 @@ class UpdateNetwork(LearnedUpdateRule):
         beta2: second-moment decay.
         init: ``"adam"`` (skip starts on the Adam direction) or ``"zero"``.
         mag_scale: ``alpha`` in ``exp(alpha s)``.
+        learn_direction: ``False``: the head outputs the log-scale only, so the direction is
+            the linear skip of the features (Adam's at the start; trainable) and the attention
+            sets each entry's step size (default ``True``).
 
     Shapes: ``x [n, f]``, ``pos [n, 2]``, ``batch [n]`` (sorted tensor ids) -> ``[n, 2]``.
 
@@ -227,9 +251,10 @@ class UpdateNetwork(LearnedUpdateRule):
         beta2: float = 0.999,
         init: str = "adam",
         mag_scale: float = 0.1,
+        learn_direction: bool = True,
     ) -> None:
         super().__init__()
-        check_rule(self, init, betas, beta2, mag_scale)
+        check_rule(self, init, betas, beta2, mag_scale, learn_direction)
         options = entry_rpe_options(rpe, rpe_options)
         self.config = dict(
             width=width,
@@ -241,6 +266,7 @@ class UpdateNetwork(LearnedUpdateRule):
             beta2=beta2,
             init=init,
             mag_scale=mag_scale,
+            learn_direction=learn_direction,
         )
         self.rpe = rpe
         in_dim = num_input_features(len(self.betas))
@@ -249,7 +275,7 @@ class UpdateNetwork(LearnedUpdateRule):
             UpdateBlock(width, num_heads, rpe, options) for _ in range(num_layers)
         )
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 2)
+        self.head = nn.Linear(width, head_outputs(self))
         self.skip = nn.Linear(in_dim, 2, bias=False)
         self.reset_parameters()
 
@@ -265,7 +291,7 @@ class UpdateNetwork(LearnedUpdateRule):
         h = self.embed(x)
         for block in self.blocks:
             h = block(h, pos, batch)
-        return self.head(self.norm(h)) + self.skip(x)
+        return head_output(self, self.norm(h)) + self.skip(x)
 
     def tensor_state(self, p: Tensor) -> dict[str, Tensor]:
         """``{"momenta": [k, *shape], "second": [*shape]}``, zeros like ``p``."""

@@ -121,6 +121,7 @@ class MetaConfig:
     lr: float = 1e-2  # eta: lr_base of the learned optimizer
     family_lrs: dict[str, float] | None = None  # eta per task family (others: lr)
     mag_scale: float = 0.1  # alpha in the update's magnitude exp(alpha s)
+    learn_direction: bool = True  # False: the network sets step sizes on the skip's direction
     unroll: int = 100  # T: inner steps per task before a new task is drawn
     truncation: int = 10  # K: inner steps per meta-gradient
     meta_steps: int = 200
@@ -293,10 +294,16 @@ def build_network(cfg: MetaConfig) -> LearnedUpdateRule:
             spatial_layers=cfg.spatial_layers,
             spatial_rpe=cfg.rpe,
             mag_scale=cfg.mag_scale,
+            learn_direction=cfg.learn_direction,
         )
     else:
         net = UpdateNetwork(
-            cfg.width, cfg.num_heads, cfg.num_layers, rpe=cfg.rpe, mag_scale=cfg.mag_scale
+            cfg.width,
+            cfg.num_heads,
+            cfg.num_layers,
+            rpe=cfg.rpe,
+            mag_scale=cfg.mag_scale,
+            learn_direction=cfg.learn_direction,
         )
     return net.to(cfg.torch_dtype)
 

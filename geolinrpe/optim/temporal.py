@@ -34,7 +34,9 @@ with ``x_i`` the current full features (the step count included), ``W_s`` the li
 starting on the Adam feature (``init="adam"``) and the head ``W_o`` starting at **zero**, so
 an untrained network is exactly Adam (``beta1 = 0.9``, ``beta2``, ``eps = 1e-8``) with
 learning rate ``eta``, up to rounding. (The meta-gradient then reaches ``W_o`` and ``W_s`` first;
-once ``W_o`` moves, everything else.)
+once ``W_o`` moves, everything else.) With ``learn_direction=False`` the head ``W_o`` outputs
+``s_i`` only and ``d_i = (W_s x_i)_0``: the attention over the history sets each entry's step
+size on a linear (at the start Adam's) direction.
 
 The 1D FLT RPE (``rpe="flt-kernel"``, the FourierLearner-Transformer of Choromanski et al.,
 https://arxiv.org/abs/2302.01925) biases the attention by the distance in steps between two
@@ -80,6 +82,8 @@ from .learned import (
     check_rule,
     entry_positions,
     entry_rpe_options,
+    head_output,
+    head_outputs,
     num_input_features,
     output_deltas,
     reset_output,
@@ -168,6 +172,9 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
         init: ``"adam"`` (skip on the Adam feature: exactly Adam untrained) or ``"zero"``
             (``d = s = 0``).
         mag_scale: ``alpha`` in ``exp(alpha s)``.
+        learn_direction: ``False``: ``W_o`` outputs the log-scale only, so the direction is
+            the skip's (Adam's at the start; trainable) and the attention over the history
+            sets each entry's step size (default ``True``: both).
         chunk_size: entries per temporal-attention call (bounds the activation memory).
 
     Shapes (:meth:`forward`): ``tokens [N, T, f_h]`` (lag 0 = this step), ``key_padding_mask
@@ -196,10 +203,11 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
         beta2: float = 0.999,
         init: str = "adam",
         mag_scale: float = 0.1,
+        learn_direction: bool = True,
         chunk_size: int = 8192,
     ) -> None:
         super().__init__()
-        check_rule(self, init, betas, beta2, mag_scale)
+        check_rule(self, init, betas, beta2, mag_scale, learn_direction)
         for name, value, low in (
             ("history", history, 1),
             ("num_layers", num_layers, 1),
@@ -224,6 +232,7 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
             beta2=beta2,
             init=init,
             mag_scale=mag_scale,
+            learn_direction=learn_direction,
             chunk_size=chunk_size,
         )
         self.history = history
@@ -241,7 +250,7 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
             for _ in range(spatial_layers)
         )
         self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, 2)
+        self.head = nn.Linear(width, head_outputs(self))
         self.skip = nn.Linear(in_dim, 2, bias=False)
         self.register_buffer("lags", torch.arange(history, dtype=torch.float32), persistent=False)
         self.reset_parameters()
@@ -291,7 +300,7 @@ class TemporalUpdateNetwork(LearnedUpdateRule):
         h = h + self.step_embed(current[:, -1:])
         for block in self.spatial:
             h = block(h, pos, batch)
-        return self.head(self.norm(h)) + self.skip(current)
+        return head_output(self, self.norm(h)) + self.skip(current)
 
     def tensor_state(self, p: Tensor) -> dict[str, Tensor]:
         """``{"momenta": [k, *shape], "second": [*shape], "history": [T, numel, f_h]}``, zeros."""

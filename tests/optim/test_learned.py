@@ -178,3 +178,45 @@ def test_zero_head_is_exactly_adam_and_net_owns_its_state() -> None:
     assert new_state["step"] == functional["step"] == 1
     _, per_tensor = net.updates(params, grads, dict(state, step=[0, 3, 1, 2]), [0.02] * 4)
     assert per_tensor["step"] == [1, 4, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_learn_direction_false_sets_step_sizes_on_the_skip_direction(kind) -> None:
+    """``learn_direction=False``: a one-channel head (the log-scale), so the update is the
+    two-channel network's with its direction row zeroed; gradients reach head and skip."""
+    from geolinrpe.optim import TemporalUpdateNetwork
+
+    cls = UpdateNetwork if kind == "spatial" else TemporalUpdateNetwork
+    torch.manual_seed(2)
+    scale_only = cls(width=8, learn_direction=False).double()
+    both = cls(width=8).double()
+    assert scale_only.head.out_features == 1 and scale_only.config["learn_direction"] is False
+    with torch.no_grad():
+        torch.nn.init.normal_(scale_only.head.weight, std=0.3)
+        torch.nn.init.normal_(scale_only.head.bias, std=0.3)
+        torch.nn.init.normal_(scale_only.skip.weight, std=0.3)
+        both.load_state_dict(
+            {k: v for k, v in scale_only.state_dict().items() if not k.startswith("head.")},
+            strict=False,
+        )
+        both.head.weight.copy_(
+            torch.cat([torch.zeros_like(scale_only.head.weight), scale_only.head.weight])
+        )
+        both.head.bias.copy_(torch.cat([torch.zeros(1, dtype=torch.float64), scale_only.head.bias]))
+    gen = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(5, 3, generator=gen, dtype=torch.float64),
+        torch.randn(3, generator=gen, dtype=torch.float64),
+    ]
+    state_a, state_b = scale_only.init_state(params), both.init_state(params)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
+        deltas_a, state_a = scale_only.updates(params, grads, state_a, [0.02, 0.02])
+        deltas_b, state_b = both.updates(params, grads, state_b, [0.02, 0.02])
+        for a, b in zip(deltas_a, deltas_b, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    sum(d.sum() for d in deltas_a).backward()
+    assert scale_only.head.weight.grad.abs().sum() > 0
+    assert scale_only.skip.weight.grad[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="learn_direction"):
+        cls(width=8, learn_direction="no")

@@ -245,6 +245,27 @@ def _small(**kw) -> MetaConfig:
     return MetaConfig(**{**base, **kw})
 
 
+@pytest.mark.parametrize("network", ["spatial", "temporal"])
+def test_learn_direction_through_config_and_checkpoint(tmp_path, network) -> None:
+    """``learn_direction: false`` reaches the network, meta-trains (PES) and survives a
+    checkpoint; a non-bool is refused by name."""
+    cfg = MetaConfig.from_dict(
+        {
+            **_small(method="pes", meta_steps=2).__dict__,
+            "network": network,
+            "learn_direction": False,
+        }
+    )
+    assert not build_network(cfg).learn_direction
+    trained, _ = meta_train(cfg, out=tmp_path, log=None)
+    net, loaded, _ = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert loaded.learn_direction is False and net.head.out_features == 1
+    for a, b in zip(net.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="'learn_direction'"):
+        MetaConfig.from_dict({"learn_direction": "no"})
+
+
 def test_curriculum_and_clipping(monkeypatch) -> None:
     cfg = _small(unroll_schedule=(5, 20, 3), meta_steps=5, clip_norm=1e-3)
     assert [cfg.unroll_at(s) for s in range(1, 6)] == [5, 12, 20, 20, 20]

@@ -50,7 +50,14 @@ def _net(history: int = 4, head_std: float = 0.3, **options) -> TemporalUpdateNe
 
 
 @pytest.mark.parametrize(
-    "options", [{}, {"rpe": None}, {"spatial_layers": 1}, {"num_layers": 2, "history": 3}]
+    "options",
+    [
+        {},
+        {"rpe": None},
+        {"spatial_layers": 1},
+        {"num_layers": 2, "history": 3},
+        {"learn_direction": False},
+    ],
 )
 def test_untrained_is_exactly_adam(options) -> None:
     """Zero head + Adam skip: the updates are Adam's, through the padded first T - 1 steps."""
