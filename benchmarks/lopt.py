@@ -172,7 +172,8 @@ def label_of(cfg: MetaConfig) -> str:
 def meta_config(args, name: str, families: tuple, steps: int, eta: dict | None) -> MetaConfig:
     """The meta-training config of the ``--networks`` entry ``name``: the defaults
     (``--quick``: a tiny run), else ``--config``'s keys, then what this command line sets
-    explicitly; with ``eta``, the learned optimizer's ``family_lrs``."""
+    explicitly; with ``eta``, the learned optimizer's ``family_lrs``; last, ``--set``'s
+    ``key=value`` overrides."""
     meta_steps = args.meta_steps or (8 if args.quick else 200)
     values = dict(
         families=families,
@@ -187,13 +188,13 @@ def meta_config(args, name: str, families: tuple, steps: int, eta: dict | None) 
     if eta is not None:
         values["family_lrs"] = dict(eta)  # every tuned family, the unseen ones included
     if not args.config:
-        return MetaConfig(**values)
+        return load_config(None, args.set, values=values)
     given = {**network_options(name), "families": families, "seed": args.seed}
     given.update({"method": args.method} if args.method != "tbptt" else {})
     given.update({"family_lrs": values["family_lrs"]} if eta is not None else {})
     if args.meta_steps:
         given.update(meta_steps=args.meta_steps)
-    return load_config(args.config, values=given)
+    return load_config(args.config, args.set, values=given)
 
 
 def _etas(cfg: MetaConfig, eta: dict | None) -> dict:
@@ -344,6 +345,14 @@ def main() -> None:
         help="meta-training config (YAML of MetaConfig keys, e.g. "
         "examples/configs/lopt/meta_train.yaml); --families/--networks/--method/--meta-steps "
         "and --eta adam override it",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="MetaConfig overrides applied last (values parsed as YAML), e.g. "
+        "valid_metric=mean_loss num_valid_tasks=8",
     )
     args = parser.parse_args()
     families = args.families or (load_config(args.config).families if args.config else None)

@@ -260,3 +260,15 @@ def test_lopt_network_variants():
     for bad in ("temporal_direction", "mlp"):
         with pytest.raises(ValueError, match="--networks"):
             bench.network_options(bad)
+    import argparse
+
+    args = argparse.Namespace(
+        meta_steps=None, quick=True, method="tbptt", seed=0, config=None, set=["sigma=0.02"]
+    )
+    cfg = bench.meta_config(args, "spatial_magnitude", ("quadratic",), 60, {"quadratic": 0.05})
+    assert (cfg.network, cfg.learn_direction, cfg.sigma) == ("spatial", False, 0.02)
+    args.config = str(ROOT / "examples" / "configs" / "lopt" / "meta_train.yaml")
+    args.set = ["valid_metric=mean_loss", "num_valid_tasks=8"]
+    cfg = bench.meta_config(args, "temporal_magnitude", ("quadratic",), 60, None)
+    assert cfg.valid_metric == "mean_loss" and cfg.num_valid_tasks == 8
+    assert cfg.objective == "log" and not cfg.learn_direction

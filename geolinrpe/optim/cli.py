@@ -22,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .baselines import evaluate_optimizers, summarize, tune_learning_rates
-from .meta import MetaConfig, load_checkpoint, meta_train, plot_curves
+from .meta import VALID_METRICS, MetaConfig, load_checkpoint, meta_train, plot_curves
 from .tasks import FAMILIES, split_tasks
 
 DESCRIPTION = (
@@ -67,6 +67,8 @@ def _add_meta_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, type=_yaml_mapping, metavar="'{family: lr, ...}'", **extra)
         elif f.name == "rpe":
             parser.add_argument(flag, **{**extra, "help": f"RPE name or 'none' (default: {value})"})
+        elif f.name == "valid_metric":
+            parser.add_argument(flag, choices=VALID_METRICS, **extra)
         elif f.name == "clip_norm":
             parser.add_argument(flag, type=float, **extra)
         else:

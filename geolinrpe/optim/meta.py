@@ -52,7 +52,8 @@ Validation (before the first meta-step and every ``valid_every`` meta-steps; the
 saved as ``best.pt``, so it stays the untrained network if nothing beats it): each
 meta-validation task is trained ``valid_steps`` steps and its loss / initial loss read at the
 steps ``valid_at`` (default: the last); the score is the mean of those ratios, or of their
-logarithms with ``objective="log"`` (:func:`validation_score`).
+logarithms with ``objective="log"``, or with ``valid_metric="mean_loss"`` the mean over those
+steps of the log mean loss over tasks (:func:`validation_score`).
 
 Meta-gradient clipping: every method's meta-gradient (TBPTT's backprop, ES's and PES's
 estimates) is clipped to global norm ``clip_norm`` (falling back to the older ``clip``; ``<= 0``
@@ -96,6 +97,7 @@ OPTIMIZERS = ("learned", "adam", "sgdm")
 #: meta-training methods (``MetaConfig.method``)
 METHODS = ("tbptt", "es", "pes")
 OBJECTIVES = ("relative", "log")
+VALID_METRICS = ("relative", "log_relative", "mean_loss")
 #: update networks by ``MetaConfig.network`` (and the ``"network"`` key of checkpoints)
 NETWORKS: dict[str, type[LearnedUpdateRule]] = {
     "spatial": UpdateNetwork,
@@ -143,6 +145,7 @@ class MetaConfig:
     valid_every: int = 50
     valid_steps: int = 100
     valid_at: tuple[int, ...] | None = None  # validation reads the loss here (default: the end)
+    valid_metric: str | None = None  # VALID_METRICS (default: after the objective)
     seed: int = 0
     dtype: str = "float32"
 
@@ -151,6 +154,10 @@ class MetaConfig:
             raise ValueError(f"network must be one of {tuple(NETWORKS)}, got {self.network!r}")
         if self.history < 1 or self.spatial_layers < 0:
             raise ValueError("need history >= 1 and spatial_layers >= 0")
+        if self.valid_metric is not None and self.valid_metric not in VALID_METRICS:
+            raise ValueError(
+                f"valid_metric must be one of {VALID_METRICS} or None, got {self.valid_metric!r}"
+            )
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.method not in METHODS:
@@ -203,6 +210,14 @@ class MetaConfig:
         return getattr(torch, self.dtype)
 
     @property
+    def validation_metric(self) -> str:
+        """``valid_metric``, or by default ``"log_relative"`` with the log objective and
+        ``"relative"`` otherwise."""
+        if self.valid_metric is not None:
+            return self.valid_metric
+        return "log_relative" if self.objective == "log" else "relative"
+
+    @property
     def max_grad_norm(self) -> float:
         """The meta-gradient clip in use: ``clip_norm``, else ``clip`` (``inf``: no clipping)."""
         value = self.clip if self.clip_norm is None else self.clip_norm
@@ -240,10 +255,13 @@ class MetaConfig:
         return cls(**kwargs)
 
 
+_NULLABLE = ("rpe", "clip_norm", "unroll_schedule", "family_lrs", "valid_at", "valid_metric")
+
+
 def _coerce(key: str, value, default):
     """``value`` of MetaConfig field ``key`` (default ``default``) converted to its type."""
     if value is None or (key == "rpe" and str(value).lower() in ("none", "null")):
-        if key in ("rpe", "clip_norm", "unroll_schedule", "family_lrs", "valid_at"):
+        if key in _NULLABLE:
             return None
         raise ValueError(f"MetaConfig key {key!r} cannot be null")
     if key == "family_lrs":
@@ -258,7 +276,8 @@ def _coerce(key: str, value, default):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"MetaConfig key {key!r} needs a list, got {value!r}")
         return tuple(value)
-    wrong = ValueError(f"MetaConfig key {key!r}: {value!r} is not a {type(default).__name__}")
+    kind = "str" if default is None else type(default).__name__
+    wrong = ValueError(f"MetaConfig key {key!r}: {value!r} is not a {kind}")
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise wrong
@@ -823,19 +842,35 @@ def final_score(curve: Sequence[float], window: int = 5) -> float:
 def validation_score(net: LearnedUpdateRule, specs: Sequence[TaskSpec], cfg: MetaConfig) -> float:
     """The learned optimizer's validation score on ``specs`` (lower is better): each task is
     trained ``cfg.valid_steps`` steps and read at each step of ``cfg.valid_at`` (default: the
-    last) by :func:`final_score`; the score is the mean over tasks and those steps of that
-    relative loss (``cfg.objective="relative"``) or of its logarithm (``"log"``: a geometric
-    mean, so that no family's collapse hides behind another's gain)."""
+    last). ``cfg.valid_metric`` (default: ``"relative"`` or ``"log_relative"`` after
+    ``cfg.objective``):
+
+    * ``"relative"``: the mean over tasks and steps of :func:`final_score` (loss / initial
+      loss);
+    * ``"log_relative"``: the mean of its logarithm (a geometric mean, so that no family's
+      collapse hides behind another's gain);
+    * ``"mean_loss"``: the mean over steps of ``log`` of the mean loss over tasks (each loss the
+      mean of the 5 ending at that step; ``inf`` if one is not finite): the quantity a
+      comparison of mean losses at those steps ranks, each step weighted alike.
+    """
     at = cfg.valid_at or (cfg.valid_steps,)
-    scores = []
+    metric = cfg.validation_metric
+    scores, losses = [], {step: [] for step in at}
     for s in specs:
         curve = train_curve(
             s.build(cfg.torch_dtype), "learned", cfg.lr_for(s.family), cfg.valid_steps, net=net
         )
         for step in at:
             value = final_score(curve[:step])
-            scores.append(math.log(max(value, 1e-30)) if cfg.objective == "log" else value)
-    return sum(scores) / len(scores)
+            scores.append(math.log(max(value, 1e-30)) if metric == "log_relative" else value)
+            tail = curve[max(step - 5, 0) : step]
+            losses[step].append(sum(tail) / len(tail))
+    if metric != "mean_loss":
+        return sum(scores) / len(scores)
+    means = [sum(v) / len(v) for v in losses.values()]
+    if not all(math.isfinite(m) and m > 0 for m in means):
+        return math.inf
+    return sum(math.log(m) for m in means) / len(means)
 
 
 def lr_grid(low: float, high: float, num: int) -> list[float]:

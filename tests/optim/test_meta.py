@@ -367,8 +367,10 @@ def test_cli_meta_train_with_config(tmp_path, capsys) -> None:
     from geolinrpe.optim.cli import _config, build_parser
 
     flags = ["meta-train", "--family-lrs", "{quadratic: 0.05}", "--valid-at", "50", "100"]
+    flags += ["--valid-metric", "mean_loss", "--no-learn-direction"]
     cfg = _config(build_parser().parse_args(flags))
     assert cfg.family_lrs == {"quadratic": 0.05} and cfg.valid_at == (50, 100)
+    assert cfg.valid_metric == "mean_loss" and cfg.learn_direction is False
     with pytest.raises(SystemExit):
         build_parser().parse_args(["meta-train", "--family-lrs", "[0.1]"])
 
@@ -442,6 +444,20 @@ def test_validation_reads_the_requested_steps() -> None:
     cfg.objective = "log"  # the geometric mean
     expected = (math.log(final_score(curve[:10])) + math.log(final_score(curve))) / 2
     assert validation_score(net, spec, cfg) == pytest.approx(expected, rel=1e-6)
+    assert cfg.validation_metric == "log_relative"
+    # mean_loss: per step, log of the mean over tasks of the 5 losses ending there
+    specs = split_tasks("valid", ("quadratic", "rosenbrock"), 2)
+    cfg.valid_metric = "mean_loss"
+    curves = [train_curve(s.build(), "learned", cfg.lr, 20, net=net) for s in specs]
+    expected = sum(
+        math.log(sum(sum(c[step - 5 : step]) / 5 for c in curves) / 2) for step in (10, 20)
+    )
+    assert validation_score(net, specs, cfg) == pytest.approx(expected / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="valid_metric"):
+        _small(valid_metric="median")
+    assert MetaConfig.from_dict({"valid_metric": "mean_loss"}).validation_metric == "mean_loss"
+    with pytest.raises(ValueError, match="'valid_metric': 3 is not a str"):
+        MetaConfig.from_dict({"valid_metric": 3})
 
 
 def test_cli_evaluate_compares_checkpoints_with_tuned_baselines(tmp_path, capsys) -> None:
