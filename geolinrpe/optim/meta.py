@@ -303,27 +303,20 @@ def build_network(cfg: MetaConfig) -> LearnedUpdateRule:
     :class:`UpdateNetwork`; ``"temporal"``, a :class:`TemporalUpdateNetwork` with ``history``
     and ``spatial_layers`` (``rpe`` names both its 1D temporal and its 2D spatial RPE)."""
     torch.manual_seed(cfg.seed)
+    shared = dict(
+        width=cfg.width,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_layers,
+        rpe=cfg.rpe,
+        mag_scale=cfg.mag_scale,
+        learn_direction=cfg.learn_direction,
+    )
     if cfg.network == "temporal":
         net = TemporalUpdateNetwork(
-            cfg.history,
-            cfg.width,
-            cfg.num_heads,
-            cfg.num_layers,
-            rpe=cfg.rpe,
-            spatial_layers=cfg.spatial_layers,
-            spatial_rpe=cfg.rpe,
-            mag_scale=cfg.mag_scale,
-            learn_direction=cfg.learn_direction,
+            cfg.history, spatial_layers=cfg.spatial_layers, spatial_rpe=cfg.rpe, **shared
         )
     else:
-        net = UpdateNetwork(
-            cfg.width,
-            cfg.num_heads,
-            cfg.num_layers,
-            rpe=cfg.rpe,
-            mag_scale=cfg.mag_scale,
-            learn_direction=cfg.learn_direction,
-        )
+        net = UpdateNetwork(**shared)
     return net.to(cfg.torch_dtype)
 
 
