@@ -10,8 +10,9 @@ cosine decay and SGD with momentum on held-out in-distribution and out-of-distri
    ``_magnitude`` suffix, e.g. ``temporal_magnitude``, meta-trains that network with
    ``learn_direction=False``: learned step sizes on its skip's direction) with
    :func:`~geolinrpe.optim.meta.meta_train` on the meta-train split of ``--families``
-   (``--config``: a YAML of ``MetaConfig`` keys; ``--method``), keeps the network with the best
-   validation score (``best.pt``) and times it. With ``--eta adam`` (default) the learned
+   (``--config``: a YAML of ``MetaConfig`` keys; ``--method``; ``--set KEY=VALUE ...``:
+   overrides applied last), keeps the network with the best validation score (``best.pt``)
+   and times it. With ``--eta adam`` (default) the learned
    optimizer's base learning rate ``eta`` on each family is tuned Adam's from step 1 (its
    ``MetaConfig.family_lrs``): the untrained network *is* that Adam, so both start from the
    same tuning and meta-training has to improve on it; ``--eta config`` keeps the config's.
