@@ -848,19 +848,19 @@ def validation_score(net: LearnedUpdateRule, specs: Sequence[TaskSpec], cfg: Met
     """
     at = cfg.valid_at or (cfg.valid_steps,)
     metric = cfg.validation_metric
-    scores, losses = [], {step: [] for step in at}
-    for s in specs:
-        curve = train_curve(
+    curves = [
+        train_curve(
             s.build(cfg.torch_dtype), "learned", cfg.lr_for(s.family), cfg.valid_steps, net=net
         )
-        for step in at:
-            value = final_score(curve[:step])
-            scores.append(math.log(max(value, 1e-30)) if metric == "log_relative" else value)
-            tail = curve[max(step - 5, 0) : step]
-            losses[step].append(sum(tail) / len(tail))
+        for s in specs
+    ]
     if metric != "mean_loss":
+        scores = [final_score(curve[:step]) for curve in curves for step in at]
+        if metric == "log_relative":
+            scores = [math.log(max(value, 1e-30)) for value in scores]
         return sum(scores) / len(scores)
-    means = [sum(v) / len(v) for v in losses.values()]
+    tails = [[curve[max(step - 5, 0) : step] for curve in curves] for step in at]
+    means = [sum(sum(t) / len(t) for t in per_step) / len(curves) for per_step in tails]
     if not all(math.isfinite(m) and m > 0 for m in means):
         return math.inf
     return sum(math.log(m) for m in means) / len(means)
