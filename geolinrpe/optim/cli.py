@@ -5,7 +5,8 @@ against step.
 ``geolinrpe lopt meta-train --config examples/configs/lopt/meta_train.yaml [key=value ...]``
 reads a YAML file of :class:`~geolinrpe.optim.meta.MetaConfig` fields (``yaml.safe_load``; an
 unknown key is an error naming it); the ``--field`` flags still work and override the file, and
-``key=value`` overrides (YAML values) override both. ``--resume checkpoint.pt`` continues a run.
+``key=value`` overrides (YAML values) override both. ``--resume checkpoint.pt`` continues a run
+(without ``--config``, from the checkpoint's config: ``--resume ckpt meta_steps=1200`` runs on).
 
 ``main(argv)`` parses the arguments and calls :func:`run_meta_train` or :func:`run_evaluate`.
 Defaults assume a 2-core CPU; measured with ``benchmarks/lopt.py --quick`` (60 meta-steps: 7 to 17 s
@@ -18,7 +19,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .baselines import evaluate_optimizers, summarize, tune_learning_rates
@@ -100,8 +101,14 @@ def load_config(
 
 
 def _config(args: argparse.Namespace) -> MetaConfig:
+    """The command line's config: ``--config`` (else, with ``--resume``, the checkpoint's
+    config; else the defaults), then the flags, then the ``key=value`` overrides."""
     flags = {f.name: getattr(args, f.name) for f in fields(MetaConfig) if hasattr(args, f.name)}
-    return load_config(getattr(args, "config", None), getattr(args, "overrides", ()), flags)
+    path = getattr(args, "config", None)
+    if path is None and getattr(args, "resume", None) is not None:
+        _, saved, _ = load_checkpoint(args.resume)
+        flags = {**asdict(saved), **flags}
+    return load_config(path, getattr(args, "overrides", ()), flags)
 
 
 def run_meta_train(cfg: MetaConfig, out: Path, resume: Path | None = None) -> None:

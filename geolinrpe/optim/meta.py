@@ -38,10 +38,13 @@ an unbiased estimate of the gradient of the (Gaussian-smoothed) truncation loss 
 for the full-unroll meta-gradient, unlike truncated ES or TBPTT). ``xi_i`` and both states are
 reset when the worker's inner task restarts. The logged meta-loss is ``mean (L^+ + L^-) / 2``.
 
-Curriculum (``unroll_schedule = (T_start, T_end[, ramp])``): the inner horizon ``T`` at meta-step
-``s`` (1-based) is ``round(T_start + (T_end - T_start) min(1, (s - 1) / max(ramp - 1, 1)))``,
+Curriculum (``unroll_schedule = (T_start, T_end[, ramp[, begin]])``): the inner horizon ``T`` at
+meta-step ``s`` (1-based) is ``T_start`` up to meta-step ``begin`` (default 0), then ramps
+linearly, ``round(T_start + (T_end - T_start) min(1, (s - begin - 1) / max(ramp - 1, 1)))``,
 ``ramp`` defaulting to ``meta_steps``; a worker restarts its task once it has run ``T`` times
 the task's ``horizon_multiplier`` inner steps (checked after each truncation of ``K`` steps).
+With ``begin``, a run meta-trained at horizon ``T_start`` can be resumed to lengthen its
+horizon (below: a resumed run may change the horizon it has not reached yet).
 
 Base learning rate: the learned optimizer's ``eta`` is ``lr``, or ``family_lrs[family]`` for
 the families listed there (e.g. tuned Adam's learning rate per family: an untrained
@@ -65,7 +68,10 @@ network, the Adam state, the config, the history, the meta-step, the best valida
 the meta RNG and torch's global RNG state and every worker (its RNG, task index, inner
 parameters and state, normaliser, steps and the PES particles with their ``xi``), so
 ``meta_train(cfg, resume=path)`` continues exactly where the run stopped (TBPTT, ES and PES
-alike; tested bit-exact for TBPTT and PES).
+alike; tested bit-exact for TBPTT and PES). The resumed config may change what
+:data:`RESUMABLE_CHANGES` lists, and the horizon where it has not been reached: a run stopped
+at meta-step ``s`` at horizon 200 continues with ``meta_steps=1200`` and
+``unroll_schedule=(200, 1000, 300, s)`` exactly as a run with that schedule from the start.
 
 Baselines and the comparison on held-out tasks live in :mod:`geolinrpe.optim.baselines`; this
 module keeps the inner-training loop they share (:func:`run_curve`, :func:`train_curve`) and
@@ -138,7 +144,7 @@ class MetaConfig:
     es_pairs: int = 4
     num_particles: int = 4  # pes: antithetic pairs per worker (2 inner trajectories each)
     sigma: float = 0.01  # pes: std of the per-truncation perturbation eps
-    unroll_schedule: tuple[int, ...] | None = None  # (T_start, T_end[, ramp]): curriculum
+    unroll_schedule: tuple[int, ...] | None = None  # (T_start, T_end[, ramp[, begin]])
     checkpoint_every: int = 0  # with out: also checkpoint every this many meta-steps
     num_train_tasks: int = 64
     num_valid_tasks: int = 8
@@ -177,15 +183,17 @@ class MetaConfig:
             raise ValueError("need checkpoint_every >= 0")
         if self.unroll_schedule is not None:
             schedule = tuple(int(x) for x in self.unroll_schedule)
-            if len(schedule) not in (2, 3) or any(
+            if len(schedule) not in (2, 3, 4) or any(
                 x != y for x, y in zip(schedule, self.unroll_schedule, strict=True)
             ):
                 raise ValueError(
-                    f"unroll_schedule must be (T_start, T_end) or (T_start, T_end, ramp) ints, "
+                    f"unroll_schedule must be (T_start, T_end[, ramp[, begin]]) ints, "
                     f"got {self.unroll_schedule!r}"
                 )
-            if min(schedule[:2]) < self.truncation or (len(schedule) == 3 and schedule[2] < 1):
+            if min(schedule[:2]) < self.truncation or min(schedule[2:3], default=1) < 1:
                 raise ValueError("unroll_schedule needs T_start, T_end >= truncation, ramp >= 1")
+            if min(schedule[3:], default=0) < 0:
+                raise ValueError("unroll_schedule needs begin >= 0")
             self.unroll_schedule = schedule
         for family in self.families:
             if family not in FAMILIES:
@@ -233,9 +241,10 @@ class MetaConfig:
         ``unroll_schedule`` (module docstring)."""
         if self.unroll_schedule is None:
             return self.unroll
-        start, end = self.unroll_schedule[:2]
-        ramp = self.unroll_schedule[2] if len(self.unroll_schedule) == 3 else self.meta_steps
-        frac = min(1.0, max(0, meta_step - 1) / max(ramp - 1, 1))
+        start, end, *rest = self.unroll_schedule
+        ramp = rest[0] if rest else self.meta_steps
+        begin = rest[1] if len(rest) > 1 else 0
+        frac = min(1.0, max(0, meta_step - begin - 1) / max(ramp - 1, 1))
         return int(round(start + (end - start) * frac))
 
     @classmethod
@@ -517,8 +526,9 @@ def _set_flat_grad(net: LearnedUpdateRule, flat: Tensor) -> None:
         offset += p.numel()
 
 
-#: config fields that may differ between a checkpoint and the run that resumes it
 RESUMABLE_CHANGES = ("meta_steps", "valid_every", "valid_steps", "valid_at", "checkpoint_every")
+"""Config fields a resumed run may change freely; ``unroll`` and ``unroll_schedule`` may change
+too where the horizon stays the same at every meta-step already run."""
 
 
 def meta_train(
@@ -543,11 +553,12 @@ def meta_train(
         cfg: the configuration; ``None`` with ``resume``: the checkpoint's.
         resume: a ``checkpoint.pt`` of an earlier run: training continues at the meta-step after
             the saved one, exactly as if it had not stopped, up to ``cfg.meta_steps``. ``cfg``
-            may differ from the saved config only in :data:`RESUMABLE_CHANGES`.
+            may differ from the saved config only in :data:`RESUMABLE_CHANGES`, and in the
+            horizon (``unroll``, ``unroll_schedule``) at meta-steps after the saved one.
 
     Raises:
         ValueError: (``CheckpointError``) ``resume`` is not a resumable checkpoint, or ``cfg``
-            differs from its config elsewhere than :data:`RESUMABLE_CHANGES` (keys named).
+            differs from its config elsewhere (keys named).
     """
     ckpt = None
     if resume is not None:
@@ -556,11 +567,13 @@ def meta_train(
             raise ValueError(f"checkpoint {str(resume)!r} has no meta-training state to resume")
         if cfg is None:
             cfg = saved_cfg
+        done = int(ckpt["meta_step"])
+        same_horizon = all(cfg.unroll_at(s) == saved_cfg.unroll_at(s) for s in range(1, done + 1))
+        free = RESUMABLE_CHANGES + (("unroll", "unroll_schedule") if same_horizon else ())
         diff = [
             f.name
             for f in fields(MetaConfig)
-            if f.name not in RESUMABLE_CHANGES
-            and getattr(cfg, f.name) != getattr(saved_cfg, f.name)
+            if f.name not in free and getattr(cfg, f.name) != getattr(saved_cfg, f.name)
         ]
         if diff:
             raise ValueError(f"cannot resume {str(resume)!r}: the config differs in {diff}")

@@ -270,6 +270,11 @@ def test_curriculum_and_clipping(monkeypatch) -> None:
     cfg = _small(unroll_schedule=(5, 20, 3), meta_steps=5, clip_norm=1e-3)
     assert [cfg.unroll_at(s) for s in range(1, 6)] == [5, 12, 20, 20, 20]
     assert MetaConfig(unroll_schedule=[10, 30], meta_steps=5).unroll_at(3) == 20
+    held = _small(unroll_schedule=(5, 20, 3, 2), meta_steps=6)  # 5 up to meta-step 2, then ramp
+    assert [held.unroll_at(s) for s in range(1, 7)] == [5, 5, 5, 12, 20, 20]
+    for bad in [(5, 20, 3, -1), (5, 20, 0), (5,), (5, 20, 3, 2, 1)]:
+        with pytest.raises(ValueError, match="unroll_schedule"):
+            _small(unroll_schedule=bad)
     seen = []
     step = torch.optim.Adam.step
 
@@ -304,6 +309,34 @@ def test_resume_continues_exactly(tmp_path) -> None:
         meta_train(MetaConfig(**{**whole.__dict__, "lr": 0.5}), resume=out / "checkpoint.pt")
 
 
+def test_resume_lengthens_the_horizon(tmp_path) -> None:
+    # 2 meta-steps at horizon 10, resumed with a schedule holding 10 to meta-step 2 then
+    # ramping to 20, == the whole run with that schedule; a schedule that changes a horizon
+    # already run is refused
+    longer = _small(method="pes", num_particles=2, unroll_schedule=(10, 20, 2, 2))
+    full, history = meta_train(longer, log=None)
+    meta_train(_small(method="pes", num_particles=2, meta_steps=2), out=tmp_path, log=None)
+    resumed, history2 = meta_train(longer, log=None, resume=tmp_path / "checkpoint.pt")
+    for a, b in zip(full.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert history2["unroll"] == history["unroll"] == [10, 10, 10, 20]
+    assert history2["meta_loss"] == history["meta_loss"]
+    early = MetaConfig(**{**longer.__dict__, "unroll_schedule": (10, 20, 2)})
+    with pytest.raises(ValueError, match="unroll_schedule"):
+        meta_train(early, log=None, resume=tmp_path / "checkpoint.pt")
+
+
+def test_validation_does_not_change_meta_training() -> None:
+    # validating every meta-step or never gives the same network (validation draws from its
+    # own generators), so how often a run validates only changes which checkpoints compete
+    runs = [
+        meta_train(_small(method="pes", num_particles=2, valid_every=every), log=None)[0]
+        for every in (1, 100)
+    ]
+    for a, b in zip(*(net.parameters() for net in runs), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_config_from_dict_and_cli(tmp_path) -> None:
     from geolinrpe.optim.cli import load_config
 
@@ -324,7 +357,10 @@ def test_config_from_dict_and_cli(tmp_path) -> None:
     example = Path(__file__).parents[2] / "examples" / "configs" / "lopt" / "meta_train.yaml"
     cfg = load_config(example)
     assert cfg.method == "pes" and cfg.network == "temporal" and cfg.objective == "log"
-    assert cfg.family_lrs["rosenbrock"] == 0.1 and cfg.valid_at == (200, 1000)
+    assert cfg.family_lrs["rosenbrock"] == pytest.approx(0.1, rel=1e-7)
+    assert cfg.valid_at == (200, 1000) and cfg.valid_metric == "mean_loss"
+    assert not cfg.learn_direction and cfg.unroll_schedule == (200, 1000, 300, 600)
+    assert [cfg.unroll_at(s) for s in (600, 601, 750, 900, 1200)] == [200, 200, 599, 1000, 1000]
 
 
 def test_cli_meta_train_with_config(tmp_path, capsys) -> None:
@@ -364,6 +400,11 @@ def test_cli_meta_train_with_config(tmp_path, capsys) -> None:
     )
     _, cfg, ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert ckpt["meta_step"] == 3 and len(ckpt["history"]["meta_loss"]) == 3
+    # without --config, --resume starts from the checkpoint's config (method: pes, not tbptt)
+    run = ["meta-train", "--out", str(tmp_path / "run"), "--resume"]
+    main(run + [str(tmp_path / "run" / "checkpoint.pt"), "meta_steps=4"])
+    _, cfg, ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert (cfg.method, cfg.meta_steps, ckpt["meta_step"]) == ("pes", 4, 4)
     from geolinrpe.optim.cli import _config, build_parser
 
     flags = ["meta-train", "--family-lrs", "{quadratic: 0.05}", "--valid-at", "50", "100"]
