@@ -4,12 +4,12 @@ cosine decay and SGD with momentum on held-out in-distribution and out-of-distri
 1. Tunes each baseline's learning rate per family on meta-validation tasks
    (:func:`~geolinrpe.optim.baselines.tune_learning_rates`: log grids, score: mean of the last 5
    losses at the budget / initial loss), for the meta-training families and the unseen ones.
-2. Meta-trains each learned update rule (``--networks``, default ``temporal spatial``: the
-   :class:`~geolinrpe.optim.temporal.TemporalUpdateNetwork` and today's
-   :class:`~geolinrpe.optim.learned.UpdateNetwork`, both with ``rpe="flt-kernel"``; a
-   ``_magnitude`` suffix, e.g. ``temporal_magnitude``, meta-trains that network with
-   ``learn_direction=False``: learned step sizes on its skip's direction) with
-   :func:`~geolinrpe.optim.meta.meta_train` on the meta-train split of ``--families``
+2. Meta-trains each learned update rule (``--networks``, default ``temporal_magnitude
+   spatial``: the :class:`~geolinrpe.optim.temporal.TemporalUpdateNetwork` with
+   ``learn_direction=False``, learned step sizes on its skip's direction, and today's
+   :class:`~geolinrpe.optim.learned.UpdateNetwork`, both with ``rpe="flt-kernel"``; a name
+   without ``_magnitude`` meta-trains the network with its direction head, whatever the config
+   says) with :func:`~geolinrpe.optim.meta.meta_train` on the meta-train split of ``--families``
    (``--config``: a YAML of ``MetaConfig`` keys; ``--method``; ``--set KEY=VALUE ...``:
    overrides applied last), keeps the network with the best validation score (``best.pt``)
    and times it. With ``--eta adam`` (default) the learned
@@ -154,15 +154,16 @@ these steps."""
 
 def network_options(name: str) -> dict:
     """The ``MetaConfig`` keys of a ``--networks`` entry: ``temporal`` or ``spatial`` (the
-    update network), optionally with ``_magnitude`` (``learn_direction=False``: the network
-    sets each entry's step size on its linear skip's direction, Adam's at the start)."""
+    update network, with its direction head), or either with ``_magnitude``
+    (``learn_direction=False``: the network sets each entry's step size on its linear skip's
+    direction, Adam's at the start). They override the config's."""
     network, _, variant = name.partition("_")
     if network not in NETWORKS or variant not in ("", "magnitude"):
         raise ValueError(
             f"--networks entries are <network>[_magnitude] with network in {tuple(NETWORKS)}, "
             f"got {name!r}"
         )
-    return {"network": network} | ({"learn_direction": False} if variant else {})
+    return {"network": network, "learn_direction": not variant}
 
 
 def label_of(cfg: MetaConfig) -> str:
@@ -220,6 +221,7 @@ def meta_train_all(args, families, steps, eta, out: Path) -> tuple[dict, dict]:
                 "meta_step": ckpt.get("meta_step"),
                 "seconds": ckpt.get("history", {}).get("seconds"),
                 "config": asdict(cfg),
+                "valid": ckpt.get("history", {}).get("valid", []),
             }
         return learned, info
     for name in args.networks:
@@ -308,9 +310,9 @@ def main() -> None:
     parser.add_argument(
         "--networks",
         nargs="*",
-        default=["temporal", "spatial"],
-        help="update networks to meta-train: temporal, spatial, and either with _magnitude "
-        "(learn_direction=False, e.g. temporal_magnitude)",
+        default=["temporal_magnitude", "spatial"],
+        help="update networks to meta-train: temporal or spatial (learn_direction=True), "
+        "either with _magnitude (learn_direction=False, e.g. temporal_magnitude)",
     )
     parser.add_argument("--checkpoint", nargs="+", default=None, help="evaluate these instead")
     parser.add_argument("--method", default="tbptt", help="MetaConfig.method")

@@ -252,7 +252,7 @@ def test_lopt_network_variants():
     from geolinrpe.optim import MetaConfig
 
     bench = _load("benchmarks/lopt.py")
-    assert bench.network_options("spatial") == {"network": "spatial"}
+    assert bench.network_options("spatial") == {"network": "spatial", "learn_direction": True}
     options = bench.network_options("temporal_magnitude")
     assert options == {"network": "temporal", "learn_direction": False}
     assert bench.label_of(MetaConfig(**options)) == "lopt_temporal_magnitude"
