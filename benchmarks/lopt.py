@@ -216,12 +216,13 @@ def meta_train_all(args, families, steps, eta, out: Path) -> tuple[dict, dict]:
             net, cfg, ckpt = load_checkpoint(path)
             label = label_of(cfg)
             learned[label] = (net, _etas(cfg, eta))
+            history = ckpt.get("history", {})
             info[label] = {
                 "checkpoint": str(path),
                 "meta_step": ckpt.get("meta_step"),
-                "seconds": ckpt.get("history", {}).get("seconds"),
+                "seconds": history.get("seconds"),
                 "config": asdict(cfg),
-                "valid": ckpt.get("history", {}).get("valid", []),
+                "valid": history.get("valid", []),
             }
         return learned, info
     for name in args.networks:

@@ -528,7 +528,8 @@ def _set_flat_grad(net: LearnedUpdateRule, flat: Tensor) -> None:
 
 RESUMABLE_CHANGES = ("meta_steps", "valid_every", "valid_steps", "valid_at", "checkpoint_every")
 """Config fields a resumed run may change freely; ``unroll`` and ``unroll_schedule`` may change
-too where the horizon stays the same at every meta-step already run."""
+too, and any change must leave the horizon the same at every meta-step already run (a
+schedule's default ``ramp`` follows ``meta_steps``)."""
 
 
 def meta_train(
@@ -567,14 +568,18 @@ def meta_train(
             raise ValueError(f"checkpoint {str(resume)!r} has no meta-training state to resume")
         if cfg is None:
             cfg = saved_cfg
-        done = int(ckpt["meta_step"])
-        same_horizon = all(cfg.unroll_at(s) == saved_cfg.unroll_at(s) for s in range(1, done + 1))
-        free = RESUMABLE_CHANGES + (("unroll", "unroll_schedule") if same_horizon else ())
+        free = RESUMABLE_CHANGES + ("unroll", "unroll_schedule")
         diff = [
             f.name
             for f in fields(MetaConfig)
             if f.name not in free and getattr(cfg, f.name) != getattr(saved_cfg, f.name)
         ]
+        done = int(ckpt["meta_step"])
+        if any(cfg.unroll_at(s) != saved_cfg.unroll_at(s) for s in range(1, done + 1)):
+            diff.append(
+                "the horizon (unroll, unroll_schedule, or meta_steps as its ramp) at "
+                f"meta-steps 1-{done}, already run"
+            )
         if diff:
             raise ValueError(f"cannot resume {str(resume)!r}: the config differs in {diff}")
         if net is None:

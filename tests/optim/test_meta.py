@@ -307,6 +307,12 @@ def test_resume_continues_exactly(tmp_path) -> None:
         assert history2["meta_loss"] == history["meta_loss"], method
     with pytest.raises(ValueError, match="lr"):
         meta_train(MetaConfig(**{**whole.__dict__, "lr": 0.5}), resume=out / "checkpoint.pt")
+    # a 2-value schedule ramps over meta_steps: changing meta_steps moves horizons already run
+    ramp_all = _small(method="tbptt", unroll_schedule=(5, 10), meta_steps=2)
+    meta_train(ramp_all, out=tmp_path / "ramp", log=None)
+    with pytest.raises(ValueError, match="horizon"):
+        longer = MetaConfig(**{**ramp_all.__dict__, "meta_steps": 4})
+        meta_train(longer, log=None, resume=tmp_path / "ramp" / "checkpoint.pt")
 
 
 def test_resume_lengthens_the_horizon(tmp_path) -> None:
